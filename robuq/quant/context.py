@@ -21,12 +21,18 @@ def timestep_group_ids(t: torch.Tensor, groups: int, num_timesteps: int = 1000) 
 @contextlib.contextmanager
 def timestep_groups(ids: torch.Tensor | None):
     """Run the model inside this so group-indexed quantizers see each sample's group id."""
-    global _current
-    previous, _current = _current, ids
+    previous = set_timestep_groups(ids)
     try:
         yield
     finally:
-        _current = previous
+        set_timestep_groups(previous)
+
+
+def set_timestep_groups(ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Set the current group ids; returns the previous ones (for restoring)."""
+    global _current
+    previous, _current = _current, ids
+    return previous
 
 
 def current_timestep_groups() -> torch.Tensor | None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .config import QuantConfig
+from .context import set_timestep_groups, timestep_group_ids
 from .linear import QuantLinear
 from .lsq import LSQQuantizer
 from .plan import BitPlan, as_bits, check_plan_layers
@@ -77,10 +79,30 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, plan: BitPlan
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
 
+    if config.timestep_groups > 1:
+        _set_groups_from_timestep(model, config.timestep_groups)
     report = QuantReport(kept=[n for n in linears if n not in targets])
     for n, layer in new.items():
         report.converted[n] = (layer.in_features, layer.out_features, layer.act.quantizer.bits)
     return report
+
+
+def _set_groups_from_timestep(model: nn.Module, groups: int) -> None:
+    """Make the model publish each sample's timestep group to its quantizers on every call."""
+
+    def before(module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        if t is None or x is None:
+            raise ValueError("per-timestep-group quantizers need the model called as model(x, timestep=t, ...)")
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        module._robuq_previous_groups = set_timestep_groups(timestep_group_ids(t, groups))
+
+    def after(module, args, kwargs, output):
+        set_timestep_groups(module._robuq_previous_groups)
+
+    model.register_forward_pre_hook(before, with_kwargs=True)
+    model.register_forward_hook(after, with_kwargs=True)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
