@@ -1,0 +1,73 @@
+"""Building and loading DiTs (diffusers ``DiTTransformer2DModel``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DiTTransformer2DModel
+from diffusers.models.embeddings import LabelEmbedding
+from torch import nn
+
+
+def build_dit(config: dict) -> DiTTransformer2DModel:
+    """A randomly initialised DiT from diffusers config kwargs (e.g. DiT-XL/2: 16 heads x 72, 28 layers)."""
+    try:
+        return DiTTransformer2DModel(**config)
+    except TypeError as e:
+        raise ValueError(f"bad DiT config {config}: {e}") from None
+
+
+def load_dit(source: str, subfolder: str | None = None) -> DiTTransformer2DModel:
+    """A pretrained DiT from a diffusers directory or hub id (e.g. ``facebook/DiT-XL-2-256``,
+    ``subfolder="transformer"``; offline from the user's HF cache) or a robuq ``.ckpt``."""
+    if source.endswith(".ckpt"):
+        from .module import load_for_eval
+
+        model, _ = load_for_eval(source, use_ema=True)
+        return model
+    path = Path(source)
+    if path.is_dir() and subfolder is None and (path / "transformer" / "config.json").exists():
+        subfolder = "transformer"  # a whole diffusers pipeline directory
+    try:
+        return DiTTransformer2DModel.from_pretrained(source, subfolder=subfolder)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"cannot load a DiT from {source!r}: {e}\n"
+            "Give a local diffusers directory (config.json + diffusion_pytorch_model.safetensors), "
+            "a robuq .ckpt, or a hub id already in your Hugging Face cache (set HF_HUB_OFFLINE=1 offline)."
+        ) from None
+
+
+def dit_config(model: nn.Module) -> dict:
+    """The model's constructor kwargs as a plain dict (for checkpoints)."""
+    return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+
+
+def check_same_architecture(expected: dict, got: dict, what: str) -> None:
+    diff = {k: (expected[k], got.get(k)) for k in expected if got.get(k) != expected[k]}
+    if diff:
+        lines = ", ".join(f"{k}: expected {a!r}, got {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{what} does not match the model config ({lines})")
+
+
+def num_classes(model: nn.Module) -> int:
+    return int(model.config.num_embeds_ada_norm)
+
+
+def learns_sigma(model: nn.Module) -> bool:
+    """DiT predicts the variance too when it has twice the input channels."""
+    return model.config.out_channels == 2 * model.config.in_channels
+
+
+def disable_label_dropout(model: nn.Module) -> None:
+    """We drop labels ourselves (the same ones for student and teacher); keep the null-class row."""
+    for m in model.modules():
+        if isinstance(m, LabelEmbedding):
+            if m.embedding_table.num_embeddings <= m.num_classes:
+                raise ValueError("this DiT has no null-class embedding, so it cannot use classifier-free guidance")
+            m.dropout_prob = 0.0
+
+
+def dit_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x, timestep=t, class_labels=y).sample

@@ -1,0 +1,276 @@
+"""The LightningModule: full-precision DiT pretraining and W1.58A2 QAT with teacher distillation."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from .checkpoint import safe_load
+from .diffusion import NUM_TRAIN_TIMESTEPS, Schedule, diffusion_loss
+from .models import build_dit, check_same_architecture, dit_config, dit_forward, disable_label_dropout, load_dit, num_classes
+from .quant import QuantConfig, act_bits, lsq_quantizers, quantize_
+
+TASKS = ("pretrain", "qat")
+NAN_POLICIES = ("stop", "skip")
+
+
+class DiTModule(L.LightningModule):
+    """One module, two tasks.
+
+    * ``pretrain``: DiT's objective (noise MSE + VLB for learned sigma) on a full-precision DiT.
+    * ``qat``: student = ``quantize_(copy(teacher), quant, plan)``; teacher frozen. Loss =
+      distill_weight * MSE(student(x_t, t, y), teacher(x_t, t, y)) + feature_weight * mean over
+      blocks of MSE(block outputs) + diffusion_weight * DiT objective.
+
+    Labels are dropped with p = ``label_dropout`` (null class) for classifier-free guidance, the
+    same ones for student and teacher. ``ema`` is an exponential moving average of the student,
+    saved in checkpoints and used for evaluation.
+    """
+
+    def __init__(
+        self,
+        task: str = "qat",
+        model: dict | None = None,
+        teacher: str | None = None,
+        teacher_subfolder: str | None = None,
+        quant: QuantConfig | None = None,
+        plan: str | None = None,
+        lr: float = 1e-4,
+        quant_lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        ema_decay: float = 0.9999,
+        label_dropout: float = 0.1,
+        distill_weight: float = 1.0,
+        feature_weight: float = 0.0,
+        diffusion_weight: float = 0.0,
+        nan_policy: str = "stop",
+        seed: int = 0,
+    ):
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        quant = quant if quant is not None else QuantConfig()
+        self.save_hyperparameters(ignore=["quant"])
+        self.hparams["quant"] = quant.to_dict() if task == "qat" else None
+        self.task, self.seed, self.nan_policy = task, seed, nan_policy
+
+        if task == "pretrain":
+            if (model is None) == (teacher is None):
+                raise ValueError("pretrain needs exactly one of `model` (a DiT config) or `teacher` (weights to start from)")
+            student = build_dit(model) if model is not None else load_dit(teacher, teacher_subfolder)
+            teacher_model = None
+        else:
+            if teacher is None:
+                raise ValueError("qat needs `teacher`: a diffusers DiT directory, hub id or robuq .ckpt")
+            teacher_model = load_dit(teacher, teacher_subfolder)
+            if model is not None:
+                check_same_architecture(model, dit_config(teacher_model), f"teacher {teacher!r}")
+            student = copy.deepcopy(teacher_model)
+            teacher_model.requires_grad_(False).eval()
+            disable_label_dropout(teacher_model)
+        disable_label_dropout(student)
+        self.model_config = dit_config(student)
+        if task == "qat":
+            self.quant_report = quantize_(student, quant, plan)
+            print(self.quant_report)
+        self.student = student.train()  # from_pretrained returns eval mode
+        self.ema = copy.deepcopy(student).requires_grad_(False)
+        self.register_buffer("ema_started", torch.tensor(False))
+        self.__dict__["teacher"] = teacher_model  # not a submodule: never saved, never DDP-wrapped
+        self.schedule = Schedule()
+        self.num_classes = num_classes(student)
+
+    # ----------------------------------------------------------------------------- data of a step
+    def _generator(self, *key: int) -> torch.Generator:
+        """A generator seeded by (seed, step/batch, rank): exact on resume without saving RNG state."""
+        g = torch.Generator(device=self.device)
+        g.manual_seed(hash((self.seed, self.global_rank) + key) & 0x7FFF_FFFF_FFFF)
+        return g
+
+    def _noised(self, x0: torch.Tensor, y: torch.Tensor, g: torch.Generator, drop_labels: bool):
+        b = x0.shape[0]
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=g, device=self.device)
+        noise = torch.randn(x0.shape, generator=g, device=self.device, dtype=x0.dtype)
+        if drop_labels and self.hparams.label_dropout > 0:
+            drop = torch.rand(b, generator=g, device=self.device) < self.hparams.label_dropout
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return self.schedule.q_sample(x0, t, noise), t, y, noise
+
+    # ----------------------------------------------------------------------------- losses
+    def _losses(self, x0, y, g, drop_labels: bool) -> dict[str, torch.Tensor]:
+        xt, t, y, noise = self._noised(x0, y, g, drop_labels)
+        hp = self.hparams
+        want_features = self.task == "qat" and hp.feature_weight > 0
+        with _block_outputs(self.student, want_features) as s_feats:
+            out = dit_forward(self.student, xt, t, y)
+        losses: dict[str, torch.Tensor] = {}
+        if self.task == "pretrain":
+            losses["diffusion"] = diffusion_loss(self.schedule, out, x0, xt, t, noise)
+            losses["loss"] = losses["diffusion"]
+            return losses
+        with torch.no_grad(), _block_outputs(self.teacher, want_features) as t_feats:
+            target = dit_forward(self.teacher, xt.to(self._teacher_dtype()), t, y).float()
+        losses["distill"] = F.mse_loss(out.float(), target)
+        total = hp.distill_weight * losses["distill"]
+        if want_features:
+            losses["feature"] = torch.stack([F.mse_loss(a.float(), b.float()) for a, b in zip(s_feats, t_feats)]).mean()
+            total = total + hp.feature_weight * losses["feature"]
+        if hp.diffusion_weight > 0:
+            losses["diffusion"] = diffusion_loss(self.schedule, out, x0, xt, t, noise)
+            total = total + hp.diffusion_weight * losses["diffusion"]
+        losses["loss"] = total
+        return losses
+
+    def _teacher_dtype(self) -> torch.dtype:
+        return next(self.teacher.parameters()).dtype
+
+    def training_step(self, batch, batch_idx):
+        x0, y = batch
+        losses = self._losses(x0, y, self._generator(self.global_step), drop_labels=True)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            msg = f"non-finite training loss ({loss.item()}) at step {self.global_step}; {self._first_bad_quantizer()}"
+            if self.nan_policy == "skip":
+                rank_zero_warn(msg + "; skipping this step (nan_policy=skip)")
+                return None
+            raise FloatingPointError(msg + ". The last checkpoint is intact; lower the lr or set nan_policy=skip.")
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=x0.shape[0])
+        return loss
+
+    def _first_bad_quantizer(self) -> str:
+        for name, q in lsq_quantizers(self.student).items():
+            if not torch.isfinite(q.step).all():
+                return f"first quantizer with a non-finite step: {name} (step={q.step.detach().cpu().tolist()})"
+        return "all quantizer steps are finite"
+
+    def validation_step(self, batch, batch_idx):
+        x0, y = batch
+        losses = self._losses(x0, y, self._generator(-1, batch_idx), drop_labels=False)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, sync_dist=True, batch_size=x0.shape[0])
+
+    # ----------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        steps = [p for n, p in self.student.named_parameters() if n.endswith("quantizer.step")]
+        step_ids = {id(p) for p in steps}
+        weights = [p for p in self.student.parameters() if id(p) not in step_ids and p.requires_grad]
+        groups = [{"params": weights, "lr": hp.lr, "weight_decay": hp.weight_decay}]
+        if steps:
+            groups.append({"params": steps, "lr": hp.quant_lr, "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if hp.lr_schedule == "cosine" else 1
+
+        def factor(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if hp.lr_schedule == "cosine":
+                progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+                return 0.5 * (1 + math.cos(math.pi * progress))
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self._update_ema()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """ema = decay * ema + (1 - decay) * student; buffers and quantizer widths copied."""
+        if not self.ema_started:
+            self.ema.load_state_dict(self.student.state_dict())
+            self.ema_started.fill_(True)
+            return
+        decay = self.hparams.ema_decay
+        for e, s in zip(self.ema.parameters(), self.student.parameters()):
+            e.lerp_(s.detach(), 1 - decay)
+        for e, s in zip(self.ema.buffers(), self.student.buffers()):
+            e.copy_(s)
+        for e, s in zip(lsq_quantizers(self.ema).values(), lsq_quantizers(self.student).values()):
+            e.set_extra_state(s.get_extra_state())
+
+    # ----------------------------------------------------------------------------- devices & checkpoints
+    def on_fit_start(self) -> None:
+        self._move_teacher()
+
+    def on_validation_start(self) -> None:
+        self._move_teacher()
+
+    def _move_teacher(self) -> None:
+        if self.teacher is not None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            nn.Module.to(self.teacher, device=self.device, dtype=dtype)  # diffusers' .to() warns needlessly
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["robuq"] = {
+            "task": self.task,
+            "model_config": self.model_config,
+            "quant": self.hparams["quant"],
+            "plan": act_bits(self.student) if self.task == "qat" else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("robuq")
+        if meta is None:
+            raise ValueError("this checkpoint was not written by robuq's DiTModule (no 'robuq' entry)")
+        if meta["task"] != self.task:
+            raise ValueError(f"checkpoint is a {meta['task']!r} run, this run is {self.task!r}")
+        check_same_architecture(meta["model_config"], self.model_config, "the checkpoint's model")
+        if meta["quant"] != self.hparams["quant"]:
+            raise ValueError(f"the checkpoint was trained with quant config {meta['quant']}, this run has {self.hparams['quant']}")
+
+
+@contextlib.contextmanager
+def _block_outputs(model: nn.Module, enabled: bool):
+    """Collect the hidden states after every transformer block (for the feature-distillation loss)."""
+    outputs: list[torch.Tensor] = []
+    handles = []
+    if enabled:
+        for block in model.transformer_blocks:
+            handles.append(block.register_forward_hook(lambda m, a, out: outputs.append(out)))
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def load_for_eval(path: str, use_ema: bool = True) -> tuple[nn.Module, dict]:
+    """Rebuild the student (or teacher) of a robuq checkpoint for sampling: (model in eval mode, info)."""
+    ckpt = safe_load(path)
+    meta = ckpt.get("robuq")
+    if meta is None or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a robuq training checkpoint (no 'robuq' metadata or state_dict)")
+    model = build_dit(meta["model_config"])
+    disable_label_dropout(model)
+    if meta["task"] == "qat":
+        quantize_(model, QuantConfig.from_dict(meta["quant"]), plan=meta["plan"])
+    prefix = "ema." if use_ema and bool(ckpt["state_dict"].get("ema_started", False)) else "student."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the model its metadata describes: {e}") from None
+    info = {
+        "checkpoint": str(path),
+        "task": meta["task"],
+        "weights": prefix.rstrip("."),
+        "global_step": ckpt.get("global_step"),
+        "quant": meta["quant"],
+        "plan": meta["plan"],
+    }
+    return model.eval(), info
