@@ -23,7 +23,7 @@ class SampleGrid(L.Callback):
         step = trainer.global_step
         if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps:
             return
-        from .evaluation.evaluate import save_grid
+        from .evaluation.evaluate import save_grid, to_uint8
         from .evaluation.sampling import sample
 
         model = pl_module.ema if bool(pl_module.ema_started) else pl_module.student
@@ -35,4 +35,6 @@ class SampleGrid(L.Callback):
         model.train(was_training)
         out = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "samples")
         out.mkdir(parents=True, exist_ok=True)
-        save_grid(images, labels, out / f"step_{step:07d}.png")
+        names = list(getattr(trainer.datamodule, "class_names", None) or range(pl_module.num_classes))
+        rows = [list(to_uint8(images[labels == c])) for c in range(pl_module.num_classes)]
+        save_grid(rows, [str(n) for n in names], out / f"step_{step:07d}.png")

@@ -30,7 +30,7 @@ def load_dit(source: str, subfolder: str | None = None) -> DiTTransformer2DModel
     if path.is_dir() and subfolder is None and (path / "transformer" / "config.json").exists():
         subfolder = "transformer"  # a whole diffusers pipeline directory
     try:
-        return DiTTransformer2DModel.from_pretrained(source, subfolder=subfolder)
+        return DiTTransformer2DModel.from_pretrained(source, subfolder=subfolder, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(
             f"cannot load a DiT from {source!r}: {e}\n"
@@ -71,3 +71,26 @@ def disable_label_dropout(model: nn.Module) -> None:
 
 def dit_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return model(x, timestep=t, class_labels=y).sample
+
+
+def save_pretrained_from_ckpt(ckpt: str, out_dir: str, dtype: str = "float16", use_ema: bool = True) -> None:
+    """Write a robuq checkpoint's (EMA) model as a diffusers directory of safetensors."""
+    from .module import load_for_eval
+
+    model, info = load_for_eval(ckpt, use_ema=use_ema)
+    if info["task"] != "pretrain":
+        raise ValueError(f"{ckpt} holds a quantized student: export it with robuq.deploy instead")
+    model.to(getattr(torch, dtype)).save_pretrained(out_dir, safe_serialization=True)
+    print(f"wrote {out_dir} ({info['weights']} weights, step {info['global_step']}, {dtype})")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Export a robuq checkpoint's model as a diffusers directory.")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    a = p.parse_args()
+    save_pretrained_from_ckpt(a.ckpt, a.out, a.dtype, use_ema=not a.raw)
