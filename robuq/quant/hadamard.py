@@ -129,16 +129,40 @@ def largest_pow2_divisor(n: int) -> int:
     return n & -n
 
 
+RADIX = 16  # butterfly size of the fast Walsh-Hadamard stages
+
+
+@functools.cache
+def _stage_matrices(n: int, block_size: int | None, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Unnormalised factors whose Kronecker product is H_n: the m x m Paley factor, then
+    radix-16 Sylvester butterflies for the power-of-two part (H_{2^k} = H_16 (x) ... (x) H_r)."""
+    m, p = (1, block_size) if block_size is not None else factorize(n)
+    factors = [_base_matrix(m)] if m > 1 else []
+    while p > 1:
+        f = min(p, RADIX)
+        factors.append(_sylvester(f))
+        p //= f
+    return tuple(f.to(device=device, dtype=dtype) for f in factors)
+
+
+def _kron_matmul(x: torch.Tensor, factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """x @ (F_1 (x) F_2 (x) ...) along the last dim: one small batched GEMM per factor,
+    each contracting one axis of x viewed as [..., f_1, f_2, ...] (O(n * sum f_i) work)."""
+    n, lead = x.shape[-1], x.numel() // x.shape[-1]
+    y, right = x, n
+    for f in factors:
+        size = f.shape[0]
+        right //= size
+        if right == 1:
+            y = y.reshape(-1, size) @ f
+        else:
+            y = f.T @ y.reshape(lead * (n // (size * right)), size, right)
+    return y.reshape(x.shape)
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Unnormalised fast Walsh-Hadamard transform (Sylvester order) along the last dim."""
-    shape, n = x.shape, x.shape[-1]
-    h = 1
-    while h < n:
-        x = x.reshape(*shape[:-1], n // (2 * h), 2, h)
-        a, b = x[..., 0, :], x[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2)
-        h *= 2
-    return x.reshape(shape)
+    return _kron_matmul(x, _stage_matrices(x.shape[-1], x.shape[-1], x.device, x.dtype))
 
 
 def hadamard_transform(x: torch.Tensor, dim: int = -1, block_size: int | None = None) -> torch.Tensor:
@@ -147,15 +171,11 @@ def hadamard_transform(x: torch.Tensor, dim: int = -1, block_size: int | None = 
     n = x.shape[-1]
     if block_size is not None:
         _check_block(n, block_size)
-        y = fwht(x.reshape(*x.shape[:-1], n // block_size, block_size)).reshape(x.shape)
+        y = _kron_matmul(x.reshape(*x.shape[:-1], n // block_size, block_size),
+                         _stage_matrices(n, block_size, x.device, x.dtype)).reshape(x.shape)
         y = y / math.sqrt(block_size)
     else:
-        m, p = factorize(n)
-        y = fwht(x.reshape(*x.shape[:-1], m, p))  # X B
-        if m > 1:  # A^T X B: the small dense factor mixes the m rows
-            a = _base_matrix(m).to(device=x.device, dtype=x.dtype)
-            y = torch.einsum("...ip,ik->...kp", y, a)
-        y = y.reshape(x.shape) / math.sqrt(n)
+        y = _kron_matmul(x, _stage_matrices(n, None, x.device, x.dtype)) / math.sqrt(n)
     return y.movedim(-1, dim)
 
 

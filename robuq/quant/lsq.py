@@ -45,26 +45,53 @@ def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     return (x - x * g).detach() + x * g
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    return (x.round() - x).detach() + x
+class _FakeQuantize(torch.autograd.Function):
+    """s * clip(round(x / s), -Q_n, Q_p) with LSQ's gradients, in closed form:
+    dy/dx = 1 inside the clip range else 0;  dy/ds = round(v) - v inside, -Q_n below, Q_p above."""
+
+    @staticmethod
+    def forward(ctx, x, step, qn, qp, binary):
+        v = (x / step).clamp(-qn, qp)
+        r = torch.where(v >= 0, 1.0, -1.0).to(v.dtype) if binary else v.round()
+        ctx.save_for_backward(x, step)
+        ctx.qn, ctx.qp, ctx.binary = qn, qp, binary
+        return r * step
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, step = ctx.saved_tensors
+        v = x / step
+        inside = (v >= -ctx.qn) & (v <= ctx.qp)
+        vc = v.clamp(-ctx.qn, ctx.qp)
+        r = torch.where(vc >= 0, 1.0, -1.0).to(v.dtype) if ctx.binary else vc.round()
+        grad_x = grad * inside
+        grad_step = grad * (r - torch.where(inside, v, 0.0))
+        grad_step = _reduce_to(grad_step, step.shape)
+        return grad_x, grad_step, None, None, None
 
 
-def sign_ste(x: torch.Tensor) -> torch.Tensor:
-    return (torch.where(x >= 0, 1.0, -1.0).to(x.dtype) - x).detach() + x
+def _reduce_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a broadcast gradient back to ``shape``."""
+    lead = g.dim() - len(shape)
+    g = g.sum(dim=tuple(range(lead))) if lead else g
+    dims = tuple(d for d, n in enumerate(shape) if n == 1 and g.shape[d] != 1)
+    return g.sum(dim=dims, keepdim=True) if dims else g
 
 
 def fake_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """s * clip(round(x / s), -Q_n, Q_p) with STE; ``step`` broadcasts against x."""
+    """s * clip(round(x / s), -Q_n, Q_p) with the LSQ straight-through gradient; ``step`` broadcasts against x."""
     qn, qp = qrange(bits, signed)
-    v = (x / step).clamp(-qn, qp)
-    v = sign_ste(v) if (signed and bits == 1) else round_ste(v)
-    return v * step
+    return _FakeQuantize.apply(x, step, qn, qp, signed and bits == 1)
 
 
 def token_stat(x: torch.Tensor, stat: str, eps: float = 1e-6) -> torch.Tensor:
-    """Per-token RMS or absmax over the last dim, keepdim."""
-    s = x.pow(2).mean(-1, keepdim=True).sqrt() if stat == "rms" else x.abs().amax(-1, keepdim=True)
-    return s.clamp_min(eps)
+    """Per-token RMS or absmax over the last dim, keepdim, at least eps.
+
+    The RMS clamps before the sqrt: sqrt's gradient at 0 is inf, and clamping after it turns an
+    all-zero token's gradient into 0 * inf = NaN."""
+    if stat == "rms":
+        return x.pow(2).mean(-1, keepdim=True).clamp_min(eps * eps).sqrt()
+    return x.abs().amax(-1, keepdim=True).clamp_min(eps)
 
 
 class LSQQuantizer(nn.Module):
@@ -108,12 +135,12 @@ class LSQQuantizer(nn.Module):
     def initialize(self, x: torch.Tensor) -> None:
         """MSE-optimal step on this batch: a grid search over s (or alpha), averaged over DDP ranks."""
         z = self._normalise(x.detach().float()).flatten()
-        if z.numel() > 1 << 18:
-            z = z[torch.randperm(z.numel(), device=z.device)[: 1 << 18]]
+        if z.numel() > 1 << 15:  # a fixed-stride subsample is plenty to place one step
+            z = z[:: z.numel() // (1 << 15)]
         z = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
         qn, qp = qrange(self.bits, self.signed)
         scale = z.abs().max().clamp_min(1e-8) / max(qn, qp, 1)
-        candidates = scale * torch.logspace(-3, 0.5, 200, device=z.device)
+        candidates = scale * torch.logspace(-3, 0.5, 96, device=z.device)
         err = torch.stack([(fake_quantize(z, s, self.bits, self.signed) - z).pow(2).mean() for s in candidates])
         best = candidates[err.argmin()]
         if dist.is_available() and dist.is_initialized():
