@@ -1,0 +1,84 @@
+"""train.py end to end on CPU: pretrain a tiny teacher, QAT from it, exact resume, bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from robuq.module import load_for_eval
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fit(*args, check=True):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_pretrain_then_qat_then_evaluate_model(tmp_path, tiny_teacher, make_config):
+    cfg = make_config(tmp_path / "pre.yaml", None, max_steps=4, task="pretrain")
+    fit("--config", cfg, "--trainer.default_root_dir", str(tmp_path / "pre"))
+    teacher_ckpt = tmp_path / "pre" / "checkpoints" / "last.ckpt"
+    assert teacher_ckpt.is_file() and (tmp_path / "pre" / "metrics.csv").is_file()
+
+    cfg = make_config(tmp_path / "qat.yaml", str(teacher_ckpt), max_steps=4,
+                       extra_model="quant: {act_bits: 2, timestep_groups: 4, act_mode: static}")
+    fit("--config", cfg, "--trainer.default_root_dir", str(tmp_path / "qat"))
+    model, info = load_for_eval(str(tmp_path / "qat" / "checkpoints" / "last.ckpt"))
+    assert info["task"] == "qat" and info["weights"] == "ema" and info["global_step"] == 4
+    assert set(info["plan"].values()) == {2}
+    x, t, y = torch.randn(3, 1, 32, 32), torch.tensor([1, 500, 999]), torch.tensor([0, 1, 10])
+    assert torch.isfinite(model(x, timestep=t, class_labels=y).sample).all()
+
+
+def test_resume_is_exact(tmp_path, tiny_teacher, make_config):
+    """8 steps straight == 4 steps, stop, resume from last.ckpt, 4 more (weights, EMA, steps, optimiser)."""
+    cfg = make_config(tmp_path / "c.yaml", tiny_teacher, max_steps=8)
+    fit("--config", cfg, "--trainer.default_root_dir", str(tmp_path / "a"))
+    fit("--config", cfg, "--trainer.default_root_dir", str(tmp_path / "b"), "--trainer.max_steps", "4")
+    fit("--config", cfg, "--trainer.default_root_dir", str(tmp_path / "b"), "--ckpt_path", "last")
+    a, b = state(tmp_path / "a/checkpoints/last.ckpt"), state(tmp_path / "b/checkpoints/last.ckpt")
+    assert a["global_step"] == b["global_step"] == 8
+    for k, v in a["state_dict"].items():
+        if torch.is_tensor(v):
+            torch.testing.assert_close(v, b["state_dict"][k], rtol=0, atol=1e-6, msg=k)
+        else:
+            assert v == b["state_dict"][k], k
+    opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for i in opt_a:
+        torch.testing.assert_close(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.no_such_key", "1"], "no_such_key"),
+        (["--model.quant.act_bits", "9"], "act_bits"),
+        (["--data.init_args.root", "/nonexistent"], "dataset-fashion-mnist"),
+        (["--model.model", "{num_layers: 3, num_attention_heads: 2}"], "does not match"),
+        (["--model.teacher", "/nonexistent/teacher"], "cannot load a DiT"),
+    ],
+)
+def test_bad_input_stops_before_training(tmp_path, tiny_teacher, make_config, override, message):
+    cfg = make_config(tmp_path / "c.yaml", tiny_teacher)
+    proc = fit("--config", cfg, "--trainer.default_root_dir", str(tmp_path / "r"), *override, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_plan_for_another_model_is_refused(tmp_path, tiny_teacher, make_config):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("bits:\n  transformer_blocks.27.attn1.to_q: 2\n")
+    cfg = make_config(tmp_path / "c.yaml", tiny_teacher, extra_model=f"plan: {plan}")
+    proc = fit("--config", cfg, "--trainer.default_root_dir", str(tmp_path / "r"), check=False)
+    assert proc.returncode != 0 and "transformer_blocks.27.attn1.to_q" in proc.stderr
