@@ -1,0 +1,42 @@
+"""GPU check of the ImageNet path: `prepare` (random tiny 8x VAE, random 256 px images) -> a
+random-init DiT-XL/2 teacher -> a few steps of configs/imagenet_dit_xl2_w158a2.yaml on one GPU.
+Speed does not depend on weight values, so random weights are fine. Usage: python scripts/gpu_xl_smoke.py WORKDIR"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DiTTransformer2DModel
+from PIL import Image
+
+from robuq.data.prepare import prepare
+
+work = Path(sys.argv[1])
+images = work / "images"
+rng = np.random.default_rng(0)
+for c in range(2):
+    (images / f"class{c}").mkdir(parents=True, exist_ok=True)
+    for i in range(48):
+        Image.fromarray(rng.integers(0, 255, (288, 320, 3), dtype=np.uint8)).save(images / f"class{c}" / f"{i}.png")
+vae = AutoencoderKL(block_out_channels=(16, 16, 16, 16), latent_channels=4, norm_num_groups=8,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+vae.save_pretrained(work / "vae")
+summary = prepare(str(images), str(work / "latents"), vae=str(work / "vae"), image_size=256, shard_size=32,
+                  batch_size=32, num_workers=2, device="cuda")
+print("prepare:", summary)
+
+xl = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+          sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+DiTTransformer2DModel(**xl).save_pretrained(work / "dit_xl2")
+cmd = [sys.executable, "train.py", "fit", "--config", "configs/imagenet_dit_xl2_w158a2.yaml",
+       "--model.teacher", str(work / "dit_xl2"), "--model.teacher_subfolder", "null",
+       "--data.init_args.root", str(work / "latents"), "--data.init_args.expected_vae", str(work / "vae"),
+       "--data.init_args.num_workers", "2", "--data.init_args.val_fraction", "0.1",
+       "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.max_steps", "6",
+       "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
+       "--trainer.default_root_dir", str(work / "run")]
+print(" ".join(cmd), flush=True)
+subprocess.run(cmd, check=True)
+print("peak GPU memory of this process (GiB):", torch.cuda.max_memory_allocated() / 2**30)
