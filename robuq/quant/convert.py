@@ -102,7 +102,7 @@ def _set_groups_from_timestep(model: nn.Module, groups: int) -> None:
         set_timestep_groups(module._robuq_previous_groups)
 
     model.register_forward_pre_hook(before, with_kwargs=True)
-    model.register_forward_hook(after, with_kwargs=True)
+    model.register_forward_hook(after, with_kwargs=True, always_call=True)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:

@@ -129,17 +129,21 @@ def largest_pow2_divisor(n: int) -> int:
     return n & -n
 
 
-RADIX = 16  # butterfly size of the fast Walsh-Hadamard stages
+# Butterfly size of the Walsh-Hadamard stages: radix 16 on CPU; on GPUs fewer, larger GEMMs win
+# (a 2^k x 2^k stage up to 256, so 1152 = 36 x 32 and 4608 = 36 x 128 are two small GEMMs).
+RADIX = {"cpu": 16}
+DEFAULT_RADIX = 256
 
 
 @functools.cache
 def _stage_matrices(n: int, block_size: int | None, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """Unnormalised factors whose Kronecker product is H_n: the m x m Paley factor, then
-    radix-16 Sylvester butterflies for the power-of-two part (H_{2^k} = H_16 (x) ... (x) H_r)."""
+    Sylvester butterflies for the power-of-two part (on CPU radix 16: H_{2^k} = H_16 (x) ... (x) H_r)."""
+    radix = RADIX.get(device.type, DEFAULT_RADIX)
     m, p = (1, block_size) if block_size is not None else factorize(n)
     factors = [_base_matrix(m)] if m > 1 else []
     while p > 1:
-        f = min(p, RADIX)
+        f = min(p, radix)
         factors.append(_sylvester(f))
         p //= f
     return tuple(f.to(device=device, dtype=dtype) for f in factors)

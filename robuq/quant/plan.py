@@ -30,9 +30,13 @@ class BitPlan:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(d, f, sort_keys=False)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                yaml.safe_dump(d, f, sort_keys=False)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)  # a failed dump (e.g. a non-YAML value) must not leave the temp file
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> "BitPlan":

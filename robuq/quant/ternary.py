@@ -32,7 +32,7 @@ class TernaryWeight(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         codes, s = ternary_codes(w, self.granularity, self.eps)
-        return w + (codes * s - w).detach()
+        return codes * s + (w - w.detach())  # exactly s * {-1, 0, 1} forward, identity backward
 
     def extra_repr(self) -> str:
         return f"granularity={self.granularity}"
