@@ -45,7 +45,10 @@ def fit(name: str, overrides: list[str], seed: int, args) -> dict:
            *args.data_args, *overrides]
     start = time.time()
     with open(run.with_suffix(".log"), "w") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=args.fit_timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"  # evaluated at its last checkpoint; the report records the step reached
     wall = time.time() - start
     distill = None
     metrics = run / "metrics.csv"
@@ -59,13 +62,14 @@ def fit(name: str, overrides: list[str], seed: int, args) -> dict:
 def evaluate(result: dict, args) -> dict:
     from robuq.evaluation.evaluate import evaluate as run_eval
 
-    if result.get("rc", 0) != 0:
+    if not Path(result["checkpoint"]).exists():
         return result
     out = Path(result["checkpoint"]).parents[1] / "eval" if result["row"] != "fp_teacher" else Path(args.out) / "fp_teacher"
     report = run_eval(result["checkpoint"], num_samples=args.num_samples, scheduler=args.scheduler, steps=args.sampler_steps,
                       cfg_scale=args.cfg_scale, seed=0, batch_size=1000, device="auto", out_dir=str(out),
                       reference_size=args.reference_size, progress=False, **args.eval_data)
-    return {**result, **report["metrics"], "grid": report["grid"]}
+    step = report["checkpoint_info"].get("global_step") if isinstance(report.get("checkpoint_info"), dict) else None
+    return {**result, **report["metrics"], "grid": report["grid"], "step": step}
 
 
 def main():
@@ -77,6 +81,7 @@ def main():
     p.add_argument("--precision", default="bf16-mixed")
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--parallel", type=int, default=6)
+    p.add_argument("--fit_timeout", type=float, default=None, help="seconds; a row still running is evaluated at its last checkpoint")
     p.add_argument("--seeds", type=int, nargs="*", help="override every row's seeds")
     p.add_argument("--num_samples", type=int, default=5000)
     p.add_argument("--scheduler", default="ddim")
@@ -106,10 +111,11 @@ def main():
     print(f"fit: {len(jobs)} runs in {time.time() - start:.0f} s", flush=True)
     if not args.no_teacher:
         results.insert(0, dict(row="fp_teacher", seed=0, checkpoint=str(ROOT / "checkpoints" / "fmnist_dit_teacher")))
-    results = [evaluate(r, args) for r in results]
-    (Path(args.out) / "results.json").write_text(json.dumps(dict(args={k: v for k, v in vars(args).items()}, results=results), indent=2))
+    done = []
     for r in results:
-        print(json.dumps({k: r.get(k) for k in ("row", "seed", "rc", "fit_wall_s", "val_distill", "fid", "is_mean", "precision", "recall")}))
+        done.append(evaluate(r, args))
+        (Path(args.out) / "results.json").write_text(json.dumps(dict(args=vars(args), results=done), indent=2, default=str))
+        print(json.dumps({k: done[-1].get(k) for k in ("row", "seed", "rc", "step", "fit_wall_s", "val_distill", "fid", "is_mean", "precision", "recall")}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# All GPU checks and benchmarks of robuq's kernels in one call (run from the repository root):
+#   bash benchmarks/gpu_all.sh                # stages: tests inference qat
+#   STAGES="qat_compile" bash benchmarks/gpu_all.sh
+# Logs and JSON go to $OUT (the device tool's output folder) or ./out. Needs a CUDA GPU, torch,
+# triton; diffusers is installed from wheels/*.whl when the machine lacks it.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+if ! python3 -c "import diffusers" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site wheels/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+    python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)"
+} 2>&1 | tee "$OUT/env.log"
+
+STAGES=${STAGES:-"tests inference qat"}
+STAGE_TIMEOUT=${STAGE_TIMEOUT:-300}
+rc=0
+for stage in $STAGES; do
+    echo "=== stage $stage ($(date +%T))"
+    case $stage in
+        tests)
+            # fp32-path diagnostic in its own process (a CUDA fault would poison the test process)
+            CUDA_LAUNCH_BLOCKING=1 timeout 150 python3 tests/kernels/gpu_diag_fp32.py 2>&1 | tee "$OUT/diag.log"
+            timeout "$STAGE_TIMEOUT" python3 -m pytest -q -rf -p no:cacheprovider tests/kernels/test_kernels_gpu.py -k "not fused_qat" 2>&1 | tee "$OUT/tests.log" || rc=1
+            timeout "$STAGE_TIMEOUT" python3 -m pytest -q -rf -p no:cacheprovider tests/kernels/test_kernels_gpu.py -k "fused_qat" 2>&1 | tee -a "$OUT/tests.log" || rc=1 ;;
+        inference)
+            timeout "$STAGE_TIMEOUT" python3 benchmarks/inference.py --json "$OUT/inference.json" ${INFER_ARGS:-} 2>&1 | tee "$OUT/inference.log" || rc=1 ;;
+        qat)
+            timeout "$STAGE_TIMEOUT" python3 benchmarks/qat_step.py --json "$OUT/qat.json" ${QAT_ARGS:-} 2>&1 | tee "$OUT/qat.log" || rc=1 ;;
+        qat_compile)
+            timeout "$STAGE_TIMEOUT" python3 benchmarks/qat_step.py --no-kernels --compile-only --rows ${COMPILE_ROWS:-a c} --json "$OUT/qat_compile.json" 2>&1 | tee "$OUT/qat_compile.log" || rc=1 ;;
+        *) echo "unknown stage $stage"; rc=1 ;;
+    esac
+done
+echo "=== done rc=$rc ($(date +%T))"
+exit $rc

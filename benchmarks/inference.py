@@ -1,0 +1,374 @@
+"""Inference benchmark: packed W1.58A{2,4} DiT-XL/2 (fused rotate+quant kernel, fp8 / packed GEMMs)
+against the bf16 DiT-XL/2, measured in the same run on the same GPU.
+
+    python benchmarks/inference.py [--batches 1 8 32] [--tokens 8192] [--bits 2] [--no-forward]
+
+Prints (and writes as JSON with --json):
+  1. ceilings: bf16 and fp8 8192^3 matmul TFLOP/s, device copy bandwidth;
+  2. per-layer GEMM times at DiT-XL/2 shapes with --tokens rows: bf16 F.linear vs our pieces
+     (quantize kernel, cuBLAS fp8 _scaled_mm, packed Triton GEMM) and our whole layer;
+     the adaLN modulation shape (1152 -> 6912) at one row per sample;
+  3. whole-model forward (random init): bf16 vs packed, eager and CUDA graph, peak memory,
+     model weight bytes, and the exported file size.
+Times are medians of ``triton.testing.do_bench`` (CUDA events); ratios are bf16 time / ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from robuq.deploy import PackedTernaryLinear, export, pack_model, weight_bytes  # noqa: E402
+from robuq.kernels.gemm import PACKED_CONFIGS, packed_gemm, scaled_mm_rowwise  # noqa: E402
+from robuq.deploy.pack import pack_ternary  # noqa: E402
+from robuq.kernels.quant_ops import rotate_quantize  # noqa: E402
+from robuq.kernels.rotation import rotation_layout  # noqa: E402
+from robuq.quant import QuantConfig, quantize_  # noqa: E402
+
+DEV = "cuda"
+XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+          sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+
+
+def bench(fn, rep=200) -> float:
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def gbench(fn, calls=10, replays=20) -> float:
+    """GPU time per call (ms): ``calls`` calls captured in one CUDA graph, median of ``replays``
+    replays. No launch overhead, inputs warm in L2 where they fit (50 MB on an H100)."""
+    fn()  # warm up / compile / settle lazy state outside the capture
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    del g
+    times.sort()
+    return times[len(times) // 2]
+
+
+def host_overhead(fn, n=300) -> float:
+    """Host time per call (us) of n back-to-back calls on tiny inputs (launch-bound)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def table(title, header, rows):
+    print(f"\n{title}")
+    w = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+    print("| " + " | ".join(str(h).ljust(w[i]) for i, h in enumerate(header)) + " |")
+    print("|" + "|".join("-" * (x + 2) for x in w) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |")
+    sys.stdout.flush()
+
+
+def ceilings(res):
+    n = 8192
+    a = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    t = bench(lambda: a @ b, rep=100)
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+    one = torch.ones((), device=DEV)
+    t8 = bench(lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16), rep=100)
+    big = torch.empty(1 << 30, device=DEV, dtype=torch.uint8)
+    dst = torch.empty_like(big)
+    tc = bench(lambda: dst.copy_(big), rep=100)
+    res["ceilings"] = dict(bf16_tflops=2 * n**3 / t / 1e9, fp8_tflops=2 * n**3 / t8 / 1e9,
+                           copy_tb_s=2 * big.numel() / tc / 1e9)
+    del a, b, a8, b8, big, dst
+    c = res["ceilings"]
+    table("Ceilings", ["bf16 8192^3 TFLOP/s", "fp8 8192^3 TFLOP/s", "copy TB/s (read+write)"],
+          [[f"{c['bf16_tflops']:.0f}", f"{c['fp8_tflops']:.0f}", f"{c['copy_tb_s']:.2f}"]])
+
+
+def layer_bench(res, tokens: int, bits: int):
+    """GPU time of each piece and of the whole layer, CUDA-graph timed (no launch overhead)."""
+    rows, out = [], []
+    shapes = [("qkv fused (if tied)", 1152, 3456, tokens), ("q/k/v/out", 1152, 1152, tokens),
+              ("fc1", 1152, 4608, tokens), ("fc2", 4608, 1152, tokens)]
+    shapes += [(f"adaLN M={m}", 1152, 6912, m) for m in (1, 8, 32)]
+    shapes += [(f"fc1 M={m}", 1152, 4608, m) for m in (256, 2048)]
+    for name, k, n, m in shapes:
+        torch.manual_seed(0)
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
+        b = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+        t_bf16 = gbench(lambda: F.linear(x, w, b))
+        lin = torch.nn.Linear(k, n, device=DEV)
+        net = torch.nn.Sequential(lin)
+        quantize_(net, QuantConfig(include=["0"], act_bits=bits))
+        net(x.float()[: max(m, 2)])
+        layer = PackedTernaryLinear.from_quant_linear(net[0])
+        del net, lin
+        lay = rotation_layout(k, "kronecker", None)
+        lay_blk = rotation_layout(k, "block", 128)
+        alpha = layer.alpha[:1].reshape(1, 1)
+        t_q = gbench(lambda: rotate_quantize(x, layer.signs, lay, alpha, bits, True, 1, want_f8=True))
+        t_q_fast = gbench(lambda: rotate_quantize(x, layer.signs, lay, alpha, bits, True, 1, want_f8=True, split=False))
+        t_q_blk = gbench(lambda: rotate_quantize(x, layer.signs, lay_blk, alpha, bits, True, 1, want_f8=True))
+        r = rotate_quantize(x, layer.signs, lay, alpha, bits, True, 1, want_f8=True)
+        a8, s = r["f8"][0], r["s"][0]
+        wf8 = layer.fp8_weight()
+        bias = layer._bias_in(torch.bfloat16)
+        try:
+            t_mm = gbench(lambda: scaled_mm_rowwise(a8, wf8, s, layer.w_scale, bias))
+        except Exception as e:  # noqa: BLE001
+            print(f"  {name} _scaled_mm: {type(e).__name__}: {str(e)[:160]}")
+            t_mm = float("inf")
+        t_pk = gbench(lambda: packed_gemm(a8, layer.packed, k, s, layer.w_scale, layer.bias))
+        times = {}
+        for gemm, split in (("cublas", True), ("cublas", False), ("triton", True), ("triton", False)):
+            layer.gemm, layer.split = gemm, split
+            try:
+                times[(gemm, split)] = gbench(lambda: layer(x))
+            except Exception as e:  # noqa: BLE001
+                print(f"  {name} {gemm}/{split}: {type(e).__name__}: {str(e)[:160]}")
+                times[(gemm, split)] = float("inf")
+        layer.gemm, layer.split = "auto", True
+        t_auto_eager = bench(lambda: layer(x))
+        t_bf16_eager = bench(lambda: F.linear(x, w, b))
+        best = min(times, key=times.get)
+        t_best = times[best]
+        split_best = min((v, key) for key, v in times.items() if key[1])
+        flops = 2 * m * k * n
+        us = lambda v: f"{v * 1e3:.1f}"  # noqa: E731
+        rows.append([name, f"{m}x{k}x{n}", us(t_bf16), us(t_q), us(t_q_fast), us(t_q_blk), us(t_mm), us(t_pk),
+                     us(times[("cublas", True)]), us(times[("triton", True)]),
+                     f"{us(t_best)} ({best[0]},{'split' if best[1] else 'fast'})",
+                     f"{t_bf16 / split_best[0]:.2f}x", f"{t_bf16 / t_best:.2f}x", us(t_bf16_eager), us(t_auto_eager),
+                     f"{flops / t_bf16 / 1e9:.0f}"])
+        out.append(dict(name=name, m=m, k=k, n=n, bf16_ms=t_bf16, quant_ms=t_q, quant_fast_ms=t_q_fast,
+                        quant_block128_ms=t_q_blk, scaled_mm_ms=t_mm, packed_gemm_ms=t_pk,
+                        layer_ms={f"{g}/{'split' if sp else 'fast'}": v for (g, sp), v in times.items()},
+                        best=list(best), ratio_best=t_bf16 / t_best, ratio_exact=t_bf16 / split_best[0],
+                        bf16_eager_ms=t_bf16_eager, ours_auto_eager_ms=t_auto_eager))
+        del x, w, layer, a8, wf8
+        torch.cuda.empty_cache()
+    res["layers"] = out
+    table(f"Per-layer GPU times (us; CUDA graph of 10 calls, median of 20 replays), A{bits}. quant = fused "
+          "rotate+quantize kernel (split = exact hi/lo rotation, fast = one bf16 rounding, block128 = block-diagonal "
+          "H_128 rotation); ratio = bf16 / ours (exact = split variants only); eager = do_bench incl. launch overhead",
+          ["layer", "MxKxN", "bf16", "quant split", "quant fast", "quant block128", "fp8 mm", "packed mm",
+           "ours cublas", "ours triton", "ours best", "ratio exact", "ratio best", "bf16 eager", "ours eager",
+           "bf16 TFLOP/s"], rows)
+
+
+def overheads(res):
+    x = torch.randn(16, 1152, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(1152, 1152, device=DEV, dtype=torch.bfloat16)
+    net = torch.nn.Sequential(torch.nn.Linear(1152, 1152, device=DEV))
+    quantize_(net, QuantConfig(include=["0"], act_bits=2))
+    net(x.float())
+    layer = PackedTernaryLinear.from_quant_linear(net[0])
+    lay = rotation_layout(1152, "kronecker", None)
+    alpha = layer.alpha[:1].reshape(1, 1)
+    r = rotate_quantize(x, layer.signs, lay, alpha, 2, True, 1, want_f8=True)
+    a8, s = r["f8"][0], r["s"][0]
+    xe = torch.empty(16, 1152, device=DEV, dtype=torch.bfloat16)
+    rows = [
+        ["F.linear bf16", host_overhead(lambda: F.linear(x, w))],
+        ["empty_like (torch op)", host_overhead(lambda: torch.empty_like(xe))],
+        ["rotate_quantize (Triton launch)", host_overhead(lambda: rotate_quantize(x, layer.signs, lay, alpha, 2, True, 1, want_f8=True))],
+        ["packed_gemm (Triton launch)", host_overhead(lambda: packed_gemm(a8, layer.packed, 1152, s, layer.w_scale, layer.bias))],
+        ["scaled_mm_rowwise (cuBLAS)", host_overhead(lambda: scaled_mm_rowwise(a8, layer.fp8_weight(), s, layer.w_scale, None))],
+        ["PackedTernaryLinear.forward", host_overhead(lambda: layer(x))],
+    ]
+    res["host_overhead_us"] = {k: v for k, v in rows}
+    table("Host time per call on a 16x1152 input (us; launch-bound, back-to-back calls)", ["call", "us"],
+          [[k, f"{v:.1f}"] for k, v in rows])
+
+
+def packed_sweep(res):
+    """Time every packed-GEMM tile candidate at the shapes where the packed kernel is used."""
+    rows, out = [], []
+    for m, k, n in [(1, 1152, 6912), (8, 1152, 6912), (32, 1152, 6912), (256, 1152, 4608), (256, 4608, 1152)]:
+        codes = torch.randint(-1, 2, (n, k), device=DEV)
+        p = pack_ternary(codes)
+        a = torch.randint(-2, 2, (m, k), device=DEV).float().to(torch.float8_e4m3fn)
+        sa, sb = torch.rand(m, device=DEV), torch.rand(n, device=DEV)
+        times = []
+        for cfg in PACKED_CONFIGS:
+            try:
+                times.append(gbench(lambda: packed_gemm(a, p, k, sa, sb, None, config=cfg)))
+            except Exception as e:  # noqa: BLE001
+                print(f"  config {cfg} failed at {m}x{k}x{n}: {type(e).__name__}: {str(e)[:120]}")
+                times.append(float("inf"))
+        wb = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
+        xb = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        t_bf16 = gbench(lambda: F.linear(xb, wb))
+        best = min(range(len(times)), key=times.__getitem__)
+        weight_gbs = p.numel() / times[best] / 1e6
+        rows.append([f"{m}x{k}x{n}", f"{t_bf16 * 1e3:.1f}"] + [f"{t * 1e3:.1f}" for t in times]
+                    + [str(best), f"{t_bf16 / times[best]:.2f}x", f"{weight_gbs:.0f}"])
+        out.append(dict(m=m, k=k, n=n, bf16_ms=t_bf16, config_ms=times, best=best))
+    res["packed_sweep"] = out
+    table("Packed-weight Triton GEMM tile sweep (us, CUDA-graph timed; e4m3 codes, no bias); configs = gemm.PACKED_CONFIGS",
+          ["MxKxN", "bf16"] + [f"cfg{i}" for i in range(len(PACKED_CONFIGS))] + ["best", "bf16/best", "packed GB/s"], rows)
+
+
+def build_xl(dtype=torch.float32):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        return DiTTransformer2DModel(**XL).to(dtype)
+
+
+def inputs(bs, dtype):
+    g = torch.Generator(device=DEV).manual_seed(bs)
+    x = torch.randn(bs, 4, 32, 32, device=DEV, generator=g).to(dtype)
+    t = torch.randint(0, 1000, (bs,), device=DEV, generator=g)
+    y = torch.randint(0, 1000, (bs,), device=DEV, generator=g)
+    return x, t, y
+
+
+def graph_time(model, args):
+    """Median time of a CUDA-graph replay of model(*args) (None if capture fails)."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.no_grad():
+            for _ in range(3):
+                model(args[0], timestep=args[1], class_labels=args[2])
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g), torch.no_grad():
+            model(args[0], timestep=args[1], class_labels=args[2])
+        t = bench(g.replay, rep=200)
+        del g
+        return t
+    except Exception as e:  # noqa: BLE001
+        print(f"  (CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]})")
+        return None
+
+
+def forward_bench(res, batches, bits):
+    teacher = build_xl(torch.float32)
+    student = copy.deepcopy(teacher)
+    bf16 = teacher.to(torch.bfloat16).eval()
+    t0 = time.time()
+    quantize_(student, QuantConfig(act_bits=bits))
+    x, t, y = inputs(2, torch.float32)
+    with torch.no_grad():
+        student(x, timestep=t, class_labels=y)  # initialise the LSQ steps
+    student.eval()
+    print(f"\nquantize_ + LSQ init of DiT-XL/2: {time.time() - t0:.1f} s")
+    xs, ts, ys = inputs(4, torch.float32)
+    with torch.no_grad():
+        ref_out = student(xs, timestep=ts, class_labels=ys).sample.float()
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.time()
+        export(student, d, dtype=torch.bfloat16)
+        size = sum(f.stat().st_size for f in Path(d).iterdir())
+        print(f"export: {time.time() - t0:.1f} s, {size / 2**20:.1f} MiB on disk")
+    packed = pack_model(student)
+    for m in packed.modules():
+        if not isinstance(m, PackedTernaryLinear):
+            m._apply(lambda z: z.to(torch.bfloat16) if z.is_floating_point() else z, recurse=False)
+    packed.eval()
+    wb_bf16 = weight_bytes(bf16)["total"]
+    wb_ours = weight_bytes(packed)
+    n_fp8 = sum(m.packed.shape[0] * m.in_features for m in packed.modules() if isinstance(m, PackedTernaryLinear))
+    res["weights"] = dict(bf16_bytes=wb_bf16, packed_bytes=wb_ours["total"], packed_layers_bytes=wb_ours["packed_layers"],
+                          fp8_cache_bytes=n_fp8, export_file_bytes=size)
+    table("Model weight bytes (DiT-XL/2)", ["bf16 model", "packed model", "of which packed layers", "+ e4m3 cache (cuBLAS path)",
+                                            "export file", "bf16 / packed"],
+          [[f"{wb_bf16 / 2**20:.0f} MiB", f"{wb_ours['total'] / 2**20:.0f} MiB", f"{wb_ours['packed_layers'] / 2**20:.0f} MiB",
+            f"{n_fp8 / 2**20:.0f} MiB", f"{size / 2**20:.0f} MiB", f"{wb_bf16 / wb_ours['total']:.2f}x"]])
+
+    # sanity: the packed CUDA model (bf16 activations) against the fp32 fake-quant student
+    with torch.no_grad():
+        got = packed(xs.bfloat16(), timestep=ts, class_labels=ys).sample.float()
+    agree = ((got - ref_out).norm() / ref_out.norm()).item()
+    res["packed_vs_student_rel_err"] = agree
+    print(f"packed bf16 CUDA model vs fp32 fake-quant student, batch 4: rel. error {agree:.2e}")
+    rows, out = [], []
+    for bs in batches:
+        xb, tb, yb = inputs(bs, torch.bfloat16)
+        entry = dict(batch=bs)
+        for name, model in (("bf16", bf16), ("ours", packed)):
+            with torch.no_grad():
+                model(xb, timestep=tb, class_labels=yb)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                te = bench(lambda: model(xb, timestep=tb, class_labels=yb), rep=300)
+                peak = torch.cuda.max_memory_allocated()
+            tg = graph_time(model, (xb, tb, yb))
+            entry[name] = dict(eager_ms=te, graph_ms=tg, peak_bytes=peak, activation_peak_bytes=peak - base)
+        rows.append([bs, f"{entry['bf16']['eager_ms']:.2f}", f"{entry['ours']['eager_ms']:.2f}",
+                     f"{entry['bf16']['eager_ms'] / entry['ours']['eager_ms']:.2f}x",
+                     "n/a" if entry["bf16"]["graph_ms"] is None else f"{entry['bf16']['graph_ms']:.2f}",
+                     "n/a" if entry["ours"]["graph_ms"] is None else f"{entry['ours']['graph_ms']:.2f}",
+                     "n/a" if None in (entry["bf16"]["graph_ms"], entry["ours"]["graph_ms"])
+                     else f"{entry['bf16']['graph_ms'] / entry['ours']['graph_ms']:.2f}x",
+                     f"{entry['bf16']['peak_bytes'] / 2**30:.2f}", f"{entry['ours']['peak_bytes'] / 2**30:.2f}"])
+        out.append(entry)
+    res["forward"] = out
+    table(f"DiT-XL/2 forward (ms, median), bf16 vs packed W1.58A{bits}",
+          ["batch", "bf16 eager", "ours eager", "ratio", "bf16 graph", "ours graph", "ratio", "bf16 peak GiB", "ours peak GiB"], rows)
+    del bf16, teacher
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--no-forward", action="store_true")
+    ap.add_argument("--no-layers", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time every packed-GEMM tile candidate")
+    ap.add_argument("--json", type=str, default=None)
+    args = ap.parse_args()
+    res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, bits=args.bits)
+    print(f"GPU: {res['gpu']} | torch {res['torch']} | triton {res['triton']}")
+    ceilings(res)
+    overheads(res)
+    if args.sweep:
+        packed_sweep(res)
+    if not args.no_layers:
+        layer_bench(res, args.tokens, args.bits)
+    if not args.no_forward:
+        forward_bench(res, args.batches, args.bits)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""QAT step benchmark on DiT-XL/2 (random init), batch 32, bf16 autocast, AdamW (fp32 master weights).
+
+Rows (issue 7):
+  a  plain bf16 DiT-XL/2 step (fwd + bwd + AdamW): the baseline
+  b  QAT student, pure-torch reference path (robuq.quant)
+  c  QAT student, fused Triton path (robuq.kernels.qat.use_fused_kernels)
+  d  full QAT step: frozen bf16 teacher forward + (c) with the distillation MSE
+
+    python benchmarks/qat_step.py [--rows a b c d] [--compile] [--steps 10] [--batch 32] [--bits 2]
+
+Prints ms/step, images/s, peak memory and the ratio of each row's time to row (a) eager; with
+--compile also the torch.compile'd version of each row (where compiling works).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from robuq.quant import QuantConfig, quantize_  # noqa: E402
+
+DEV = "cuda"
+XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+          sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+
+
+def build_xl():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        return DiTTransformer2DModel(**XL)
+
+
+def batch(bs):
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(bs, 4, 32, 32, device=DEV, generator=g)
+    t = torch.randint(0, 1000, (bs,), device=DEV, generator=g)
+    y = torch.randint(0, 1000, (bs,), device=DEV, generator=g)
+    target = torch.randn(bs, 8, 32, 32, device=DEV, generator=g)
+    return x, t, y, target
+
+
+def make_student(bits):
+    student = build_xl()
+    quantize_(student, QuantConfig(act_bits=bits))
+    x, t, y, _ = batch(2)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        student(x, timestep=t, class_labels=y)  # initialise the LSQ steps
+    return student.train()
+
+
+def run_row(name, model, teacher, bs, steps, compiled):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    fwd = torch.compile(model) if compiled else model
+    tfwd = None
+    if teacher is not None:
+        tfwd = torch.compile(teacher) if compiled else teacher
+    x, t, y, target = batch(bs)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if tfwd is not None:
+                with torch.no_grad():
+                    tgt = tfwd(x, timestep=t, class_labels=y).sample
+            else:
+                tgt = target
+            out = fwd(x, timestep=t, class_labels=y).sample
+            loss = F.mse_loss(out.float(), tgt.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.time()
+    for _ in range(3):
+        loss = step()
+    torch.cuda.synchronize()
+    warm = time.time() - t0
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(steps):
+        start.record()
+        loss = step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    peak = torch.cuda.max_memory_allocated()
+    times.sort()
+    ms = times[len(times) // 2]
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"{name}: non-finite loss")
+    del opt
+    return dict(row=name, compiled=compiled, ms=ms, min_ms=times[0], images_s=bs / ms * 1e3, peak_gib=peak / 2**30,
+                warmup_s=warm, loss=float(loss.detach()))
+
+
+def cleanup():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def gbench(fn, calls=10, replays=20) -> float:
+    """GPU ms per call from a CUDA graph of ``calls`` calls (median of ``replays``): no launch overhead."""
+    fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def kernel_bench(bits, tokens=8192):
+    """Per-kernel times of one QuantLinear's act-quant at 8192 tokens: fused vs torch reference."""
+    from triton.testing import do_bench
+
+    from robuq.kernels.qat import use_fused_kernels
+
+    rows = []
+    for k, n in ((1152, 1152), (1152, 4608), (4608, 1152)):
+        net = torch.nn.Sequential(torch.nn.Linear(k, n, device=DEV))
+        quantize_(net, QuantConfig(include=["0"], act_bits=bits))
+        x = torch.randn(tokens, k, device=DEV)
+        net(x)
+        layer = net[0]
+        act = layer.act
+        xr = x.clone().requires_grad_()
+        # reference act-quant alone (fp32 input, as under autocast after LayerNorm)
+        t_ref_f = do_bench(lambda: act(xr), return_mode="median")
+        out = act(xr)
+        g = torch.randn_like(out)
+        t_ref_fb = do_bench(lambda: torch.autograd.grad(act(xr), [xr, act.quantizer.step], g), return_mode="median")
+        fused = copy.deepcopy(net)
+        use_fused_kernels(fused)
+        fl = fused[0]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            t_lin_ref = do_bench(lambda: layer(xr), return_mode="median")
+            t_lin_fused = do_bench(lambda: fl(xr), return_mode="median")
+            y = fl(xr)
+            gy = torch.randn_like(y)
+            t_lin_fused_fb = do_bench(lambda: torch.autograd.grad(fl(xr), [xr, fl.weight, fl.act.quantizer.step], gy),
+                                      return_mode="median")
+            t_lin_ref_fb = do_bench(lambda: torch.autograd.grad(layer(xr), [xr, layer.weight, act.quantizer.step], gy),
+                                    return_mode="median")
+        xb, wb = x.bfloat16().requires_grad_(), torch.randn(n, k, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        t_bf16 = do_bench(lambda: F.linear(xb, wb), return_mode="median")
+        yb = F.linear(xb, wb)
+        gb = torch.randn_like(yb)
+        t_bf16_fb = do_bench(lambda: torch.autograd.grad(F.linear(xb, wb), (xb, wb), gb), return_mode="median")
+        from robuq.kernels.quant_ops import rotate_quantize, rotate_quantize_backward
+        from robuq.kernels.rotation import rotation_layout
+
+        lay = rotation_layout(k, "kronecker", None)
+        alpha = act.quantizer.step.detach().abs().reshape(1, 1)
+        t_kf = do_bench(lambda: rotate_quantize(x, act.rotation.signs, lay, alpha, bits, True, 1, want_i8=True,
+                                                out="scaled"), return_mode="median")
+        gk = torch.randn(tokens, k, device=DEV, dtype=torch.bfloat16)
+        t_kb = do_bench(lambda: rotate_quantize_backward(x, gk, act.rotation.signs, lay, alpha.reshape(1), bits, True, 1),
+                        return_mode="median")
+        g_kf = gbench(lambda: rotate_quantize(x, act.rotation.signs, lay, alpha, bits, True, 1, want_i8=True,
+                                              out="scaled"))
+        g_kb = gbench(lambda: rotate_quantize_backward(x, gk, act.rotation.signs, lay, alpha.reshape(1), bits, True, 1))
+        g_bf16 = gbench(lambda: F.linear(xb.detach(), wb.detach()))
+        rows.append([f"{tokens}x{k}x{n}", t_bf16, t_bf16_fb, t_ref_f, t_ref_fb, t_kf, t_kb, t_lin_ref, t_lin_ref_fb,
+                     t_lin_fused, t_lin_fused_fb, g_bf16, g_kf, g_kb])
+        del net, fused, x, xr
+        cleanup()
+    print(f"\nPer-kernel times (ms, median), A{bits}: act-quant = rotate + per-token LSQ fake-quant on fp32 input")
+    print("| MxKxN | bf16 linear fwd | bf16 linear fwd+bwd | ref act-quant fwd | ref act-quant fwd+bwd | "
+          "fused quant fwd kernel | fused quant bwd kernel | ref QuantLinear fwd | ref QuantLinear fwd+bwd | "
+          "fused QuantLinear fwd | fused QuantLinear fwd+bwd | GPU-only: bf16 linear fwd | GPU-only: fused fwd kernel | "
+          "GPU-only: fused bwd kernel |")
+    print("|---" * 14 + "|")
+    for r in rows:
+        print("| " + " | ".join([r[0]] + [f"{v:.3f}" for v in r[1:]]) + " |")
+    sys.stdout.flush()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", nargs="*", default=["a", "b", "c", "d"])
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd rows")
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--json", type=str, default=None)
+    ap.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
+    args = ap.parse_args()
+    from robuq.kernels.qat import use_fused_kernels
+
+    print(f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | batch {args.batch} | A{args.bits}")
+    if not args.no_kernels:
+        kernel_bench(args.bits)
+    modes = [True] if args.compile_only else ([False, True] if args.compile else [False])
+    results = []
+    for compiled in modes:
+        for row in args.rows:
+            label = {"a": "a plain bf16", "b": "b QAT reference", "c": "c QAT fused", "d": "d QAT fused + teacher"}[row]
+            try:
+                teacher = None
+                if row == "a":
+                    model = build_xl().train()
+                else:
+                    model = make_student(args.bits)
+                    if row in ("c", "d"):
+                        fused = use_fused_kernels(model)
+                        print(f"  {label}: {sum(fused.values())}/{len(fused)} layers fused")
+                    if row == "d":
+                        teacher = build_xl().to(torch.bfloat16).eval().requires_grad_(False)
+                r = run_row(label, model, teacher, args.batch, args.steps, compiled)
+                results.append(r)
+                print(f"  {label:24s} compiled={compiled!s:5s} {r['ms']:8.1f} ms/step  {r['images_s']:7.1f} img/s  "
+                      f"peak {r['peak_gib']:5.1f} GiB  (warm-up {r['warmup_s']:.0f} s)", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"  {label} compiled={compiled}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+                traceback.print_exc(limit=3)
+                results.append(dict(row=label, compiled=compiled, error=f"{type(e).__name__}: {str(e)[:400]}"))
+            finally:
+                model = teacher = None  # noqa: F841
+                torch._dynamo.reset()
+                cleanup()
+    base = next((r["ms"] for r in results if r["row"].startswith("a") and not r["compiled"] and "ms" in r), None)
+    print(f"\nQAT step, DiT-XL/2, batch {args.batch}, bf16 autocast, AdamW, A{args.bits} "
+          f"({torch.cuda.get_device_name()})")
+    print("| row | torch.compile | ms/step | images/s | peak GiB | time / (a) eager |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        if "ms" in r:
+            ratio = f"{r['ms'] / base:.2f}" if base else "n/a"
+            print(f"| {r['row']} | {'on' if r['compiled'] else 'off'} | {r['ms']:.1f} | {r['images_s']:.1f} | "
+                  f"{r['peak_gib']:.1f} | {ratio} |")
+        else:
+            print(f"| {r['row']} | {'on' if r['compiled'] else 'off'} | failed: {r['error'][:80]} | | | |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
