@@ -137,11 +137,33 @@ class DiTModule(L.LightningModule):
     def _teacher_dtype(self) -> torch.dtype:
         return next(self.teacher.parameters()).dtype
 
+    def _check_batch(self, x0: torch.Tensor, y: torch.Tensor) -> None:
+        """Refuse data the model cannot have been meant for (latents of another VAE or image size,
+        labels of another dataset) with the reason, instead of an error deep inside the DiT or,
+        worse, silent training at another resolution (diffusers re-derives pos_embed for any size)."""
+        cfg = self.model_config
+        want = (cfg["in_channels"], cfg["sample_size"], cfg["sample_size"])
+        if tuple(x0.shape[1:]) != want:
+            raise ValueError(
+                f"the data's samples have shape {list(x0.shape[1:])} but the model takes {list(want)} "
+                "(in_channels, sample_size, sample_size): latents of another VAE or image size? "
+                "Prepare the data for this model, or use a model config that matches the data"
+            )
+        if not getattr(self, "_labels_checked", False):  # once: it costs a device sync
+            self._labels_checked = True
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                raise ValueError(f"the data has class labels in [{int(y.min())}, {int(y.max())}] but the model "
+                                 f"has {self.num_classes} classes (labels 0..{self.num_classes - 1})")
+
     def training_step(self, batch, batch_idx):
         x0, y = batch
+        self._check_batch(x0, y)
         losses = self._losses(x0, y, self._generator(self.global_step), drop_labels=True)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
+        bad = not bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:  # every rank skips or stops together, else DDP hangs in backward
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
             msg = f"non-finite training loss ({loss.item()}) at step {self.global_step}; {self._first_bad_quantizer()}"
             if self.nan_policy == "skip":
                 rank_zero_warn(msg + "; skipping this step (nan_policy=skip)")
@@ -154,10 +176,14 @@ class DiTModule(L.LightningModule):
         for name, q in lsq_quantizers(self.student).items():
             if not torch.isfinite(q.step).all():
                 return f"first quantizer with a non-finite step: {name} (step={q.step.detach().cpu().tolist()})"
-        return "all quantizer steps are finite"
+        for name, p in self.student.named_parameters():
+            if not torch.isfinite(p).all():
+                return f"all quantizer steps are finite; first non-finite weight: {name}"
+        return "all quantizer steps are finite (and all weights: the batch or the forward made the NaN/Inf)"
 
     def validation_step(self, batch, batch_idx):
         x0, y = batch
+        self._check_batch(x0, y)
         losses = self._losses(x0, y, self._generator(-1, batch_idx), drop_labels=False)
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, sync_dist=True, batch_size=x0.shape[0])
 
@@ -183,6 +209,24 @@ class DiTModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A finite loss can still give non-finite gradients (overflow in backward); stepping on
+        them would write NaN weights into the next checkpoint. ``stop`` raises before the step,
+        ``skip`` drops this step's update. (With fp16's GradScaler, the scaler does this itself.)"""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        if not grads or torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()):
+            return  # (DDP: gradients are already all-reduced, so every rank decides the same)
+        name = next(n for n, p in self.student.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all())
+        msg = f"non-finite gradient at step {self.global_step} (first: {name}); {self._first_bad_quantizer()}"
+        if self.nan_policy == "skip":
+            rank_zero_warn(msg + "; skipping this step's update (nan_policy=skip)")
+            for p in self.student.parameters():
+                p.grad = None
+            return
+        raise FloatingPointError(msg + ". The last checkpoint is intact; lower the lr or set nan_policy=skip.")
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
@@ -225,13 +269,22 @@ class DiTModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("robuq")
-        if meta is None:
-            raise ValueError("this checkpoint was not written by robuq's DiTModule (no 'robuq' entry)")
+        if not isinstance(meta, dict) or not {"task", "model_config", "quant"} <= set(meta):
+            raise ValueError("this checkpoint was not written by robuq's DiTModule (no complete 'robuq' entry)")
         if meta["task"] != self.task:
             raise ValueError(f"checkpoint is a {meta['task']!r} run, this run is {self.task!r}")
         check_same_architecture(meta["model_config"], self.model_config, "the checkpoint's model")
         if meta["quant"] != self.hparams["quant"]:
             raise ValueError(f"the checkpoint was trained with quant config {meta['quant']}, this run has {self.hparams['quant']}")
+        if self.task == "qat" and meta.get("plan") is not None:
+            # the quantizers' saved widths would silently override this run's plan
+            ours = act_bits(self.student)
+            diff = {n: (b, ours.get(n)) for n, b in meta["plan"].items() if ours.get(n) != b}
+            diff.update({n: (None, b) for n, b in ours.items() if n not in meta["plan"]})
+            if diff:
+                shown = ", ".join(f"{n}: {a} -> {b}" for n, (a, b) in list(diff.items())[:5])
+                raise ValueError(f"the checkpoint was trained with another bit plan ({len(diff)} layer(s) differ, "
+                                 f"checkpoint -> this run: {shown}); resume with the plan it was trained with")
 
 
 @contextlib.contextmanager
@@ -252,13 +305,16 @@ def _block_outputs(model: nn.Module, enabled: bool):
 def load_for_eval(path: str, use_ema: bool = True) -> tuple[nn.Module, dict]:
     """Rebuild the student (or teacher) of a robuq checkpoint for sampling: (model in eval mode, info)."""
     ckpt = safe_load(path)
-    meta = ckpt.get("robuq")
-    if meta is None or "state_dict" not in ckpt:
+    meta = ckpt.get("robuq") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a robuq training checkpoint (no 'robuq' metadata or state_dict)")
     model = build_dit(meta["model_config"])
     disable_label_dropout(model)
     if meta["task"] == "qat":
-        quantize_(model, QuantConfig.from_dict(meta["quant"]), plan=meta["plan"])
+        config = QuantConfig.from_dict(meta["quant"])
+        # widths equal to the config's default are implied (16 = full precision is no plan width)
+        plan = {n: b for n, b in (meta["plan"] or {}).items() if b != config.act_bits}
+        quantize_(model, config, plan=plan)
     prefix = "ema." if use_ema and bool(ckpt["state_dict"].get("ema_started", False)) else "student."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     try:
