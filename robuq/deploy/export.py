@@ -1,0 +1,145 @@
+"""Export a QAT student (a diffusers DiT quantized by ``robuq.quant.quantize_``) for inference.
+
+``export(student, out_dir)`` writes
+  * ``model.safetensors``: for each quantized layer ``<name>.packed`` (uint8, 2-bit ternary codes,
+    ``robuq.deploy.pack`` layout), ``<name>.w_scale`` (fp32 per output channel), ``<name>.alpha``
+    (fp32 LSQ step(s): |step| clamped as the student uses it), ``<name>.signs`` (fp32 rotation
+    signs), ``<name>.bias``; every other tensor of the model (the full-precision layers) as is
+    (or cast to ``dtype``);
+  * ``robuq_export.json``: format version, packing layout, the DiT class and constructor config,
+    and per quantized layer its shape, activation bits/signedness/mode/statistic/timestep groups
+    and rotation.
+
+``load_exported(dir)`` rebuilds the DiT with ``PackedTernaryLinear`` in place of each
+``QuantLinear``; on CPU it computes the student's integers in pure torch, on CUDA it uses the
+fused Triton quantizer and fp8 GEMMs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .modules import PackedTernaryLinear, pack_model
+from .pack import PACK_LAYOUT
+
+FORMAT = "robuq-packed-v1"
+CONFIG_NAME = "robuq_export.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _dit_config(model: nn.Module) -> dict:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise ValueError("export needs a diffusers model (with a .config) so that it can be rebuilt")
+    return {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
+
+
+def _layer_meta(m: PackedTernaryLinear) -> dict:
+    return {
+        "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+        "bits": m.bits, "signed": m.signed, "mode": m.mode, "stat": m.stat, "groups": m.groups,
+        "rotation": m.rotation, "block_size": m.block_size,
+    }
+
+
+@torch.no_grad()
+def export(student: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the packed inference form of ``student`` to ``out_dir`` (the student is not changed).
+
+    ``dtype`` (e.g. torch.bfloat16) casts the full-precision tensors; packed codes and all scales
+    are stored exactly (uint8 / float32) whatever it is.
+    """
+    import copy
+
+    from robuq.quant.linear import QuantLinear
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n for n, m in student.named_modules() if isinstance(m, QuantLinear)]
+    if not names:
+        raise ValueError("export: the model has no QuantLinear layers (quantize it with robuq.quant.quantize_)")
+    packed = pack_model(copy.deepcopy(student))
+    layers = {n: _layer_meta(packed.get_submodule(n)) for n in names}
+    tensors = {}
+    for k, v in packed.state_dict().items():
+        v = v.detach()
+        owner = k.rpartition(".")[0]
+        if owner not in layers and dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        tensors[k] = v.cpu().contiguous().clone()
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": FORMAT})
+    groups = max((meta["groups"] for meta in layers.values()), default=1)
+    config = {
+        "format": FORMAT,
+        "pack_layout": PACK_LAYOUT,
+        "model_class": type(student).__name__,
+        "model_module": type(student).__module__,
+        "model_config": _dit_config(student),
+        "timestep_groups": groups,
+        "layers": layers,
+    }
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=1))
+    return out
+
+
+def _model_class(config: dict):
+    import importlib
+
+    module = importlib.import_module(config.get("model_module", "diffusers"))
+    return getattr(module, config["model_class"])
+
+
+@torch.no_grad()
+def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild the exported DiT with ``PackedTernaryLinear`` layers (eval mode).
+
+    ``dtype`` casts the full-precision layers (e.g. torch.bfloat16 for CUDA inference); packed
+    layers keep their scales in float32 and compute in the dtype of their input.
+    """
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a robuq export (no {CONFIG_NAME}); make one with robuq.deploy.export")
+    config = json.loads(cfg_file.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{cfg_file}: unknown format {config.get('format')!r} (expected {FORMAT!r})")
+    if config.get("pack_layout") != PACK_LAYOUT:
+        raise ValueError(f"{cfg_file}: unknown packing layout {config.get('pack_layout')!r} (expected {PACK_LAYOUT!r})")
+    cls = _model_class(config)
+    with torch.device(device):
+        model = cls(**config["model_config"])
+        for name, meta in config["layers"].items():
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, child, PackedTernaryLinear(**meta))
+    state = load_file(str(path / WEIGHTS_NAME), device=str(device))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if dtype is not None:
+        for m in model.modules():
+            if not isinstance(m, PackedTernaryLinear):
+                m._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+    if config.get("timestep_groups", 1) > 1:
+        from robuq.quant.convert import _set_groups_from_timestep
+
+        _set_groups_from_timestep(model, int(config["timestep_groups"]))
+    return model.eval()
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of parameters + persistent buffers: packed layers vs everything else."""
+    packed = other = 0
+    for m in model.modules():
+        tensors = list(m.parameters(recurse=False)) + [b for b in m.buffers(recurse=False) if b is not None]
+        n = sum(t.numel() * t.element_size() for t in tensors)
+        if isinstance(m, PackedTernaryLinear):
+            packed += n
+        else:
+            other += n
+    return {"packed_layers": packed, "other": other, "total": packed + other}

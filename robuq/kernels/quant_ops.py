@@ -1,0 +1,152 @@
+"""Host wrappers around the Triton rotate+quantize kernels (see ``triton_quant``)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from robuq.quant.lsq import qrange
+
+from . import triton_quant as tq
+from .rotation import RotationLayout, rotation_factors
+
+MODE_IDS = {"static": 0, "rms": 1, "absmax": 2}
+EPS = 1e-6  # robuq.quant.lsq.token_stat's eps
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def mode_id(mode: str, stat: str) -> int:
+    return 0 if mode == "static" else MODE_IDS[stat]
+
+
+def _dot_dtype():
+    import triton.language as tl
+
+    return tl.float32 if tq.INTERPRET else tl.bfloat16
+
+
+def _factor_dtype() -> torch.dtype:
+    return torch.float32 if tq.INTERPRET else torch.bfloat16
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _grid(m: int, device: torch.device) -> tuple[int]:
+    if tq.INTERPRET or device.type != "cuda":
+        return (max(1, min(m, 2)),)
+    return (max(1, min(m, _sm_count(device.index or 0) * 8)),)
+
+
+def _warps(lay: RotationLayout) -> int:
+    return 4 if lay.MP * lay.P <= 2048 else 8
+
+
+# Reload the factors per token (from L1/L2) above this tile size instead of keeping them in
+# registers across tokens. Off by default: ptxas reported more spills with reloads at [64, 128].
+RELOAD_ABOVE = {"forward": 1 << 30, "backward": 1 << 30}
+
+
+def _reload(lay: RotationLayout, backward: bool) -> bool:
+    return lay.MP * lay.P > RELOAD_ABOVE["backward" if backward else "forward"]
+
+
+def _common(lay: RotationLayout, bits: int, signed: bool, mode: int, x_dtype: torch.dtype, split: bool):
+    qn, qp = qrange(bits, signed)
+    return dict(
+        ROWS=lay.rows, MP=lay.MP, P=lay.P, QN=float(qn), QP=float(qp), SIGN1=(signed and bits == 1), MODE=mode,
+        ROTATE=lay.kind != "none", HAS_LEFT=lay.has_left, R_FIRST=lay.r_first,
+        SPLIT1=(x_dtype == torch.float32 and split), SPLIT2=split, DOT_DT=_dot_dtype(),
+        SQRT_N=float(lay.sqrt_n), EPS=EPS,
+    )
+
+
+def rotate_quantize(
+    x: torch.Tensor,
+    signs: torch.Tensor,
+    lay: RotationLayout,
+    alpha: torch.Tensor,
+    bits: int,
+    signed: bool,
+    mode: int,
+    *,
+    want_i8: bool = False,
+    want_f8: bool = False,
+    out: str | None = None,  # None | "scaled" (q * s_t) | "codes" (q)
+    out_dtype: torch.dtype = torch.bfloat16,
+    want_stat: bool = False,
+    split: bool = True,
+) -> dict[str, torch.Tensor]:
+    """x [M, K] -> codes for each of the G rows of ``alpha`` ([G, M] per token, or [G, 1]).
+
+    Returns a dict with 's' [G, M] fp32 and, as asked, 'i8' / 'f8' / 'out' [G, M, K] and 'stat' [M].
+    """
+    if x.dim() != 2 or x.shape[1] != lay.dim:
+        raise ValueError(f"rotate_quantize expects [M, {lay.dim}], got {tuple(x.shape)}")
+    x = x.contiguous()
+    m, k = x.shape
+    g = alpha.shape[0]
+    alpha = alpha.float().contiguous()
+    dev = x.device
+    res: dict[str, torch.Tensor] = {"s": torch.empty(g, m, device=dev, dtype=torch.float32)}
+    dummy = res["s"]
+    i8 = torch.empty(g, m, k, device=dev, dtype=torch.int8) if want_i8 else dummy
+    f8 = torch.empty(g, m, k, device=dev, dtype=torch.float8_e4m3fn) if want_f8 else dummy
+    o = torch.empty(g, m, k, device=dev, dtype=out_dtype) if out else dummy
+    st = torch.empty(m, device=dev, dtype=torch.float32) if want_stat else dummy
+    if m:
+        f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, dev, _factor_dtype())
+        grid = _grid(m, dev)
+        tq.rotq_fwd_kernel[grid](
+            x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st,
+            m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
+            G=g, RELOAD=_reload(lay, backward=False), W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
+            num_warps=_warps(lay), **_common(lay, bits, signed, mode, x.dtype, split),
+        )
+    if want_i8:
+        res["i8"] = i8
+    if want_f8:
+        res["f8"] = f8
+    if out:
+        res["out"] = o
+    if want_stat:
+        res["stat"] = st
+    return res
+
+
+def rotate_quantize_backward(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    signs: torch.Tensor,
+    lay: RotationLayout,
+    alpha: torch.Tensor,
+    bits: int,
+    signed: bool,
+    mode: int,
+    split: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx [M, K] in x's dtype, ga [M] fp32 = per-token dL/dalpha) for the LSQ straight-through gradient.
+
+    ``alpha`` is [M] per token or [1]; ``grad`` is dL/d(fake-quantized output) [M, K].
+    """
+    x = x.contiguous()
+    grad = grad.contiguous()
+    m, k = x.shape
+    alpha = alpha.float().contiguous()
+    dx = torch.empty_like(x)
+    ga = torch.empty(m, device=x.device, dtype=torch.float32)
+    if m:
+        f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, x.device, _factor_dtype())
+        grid = _grid(m, x.device)
+        tq.rotq_bwd_kernel[grid](
+            x, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
+            m, triton_cdiv(m, grid[0]), x.stride(0), grad.stride(0), 1 if alpha.numel() > 1 else 0,
+            num_warps=_warps(lay), RELOAD=_reload(lay, backward=True), **_common(lay, bits, signed, mode, x.dtype, split),
+        )
+    return dx, ga

@@ -1,0 +1,242 @@
+"""Triton kernels: fused Hadamard rotation + per-token LSQ quantization, forward and backward.
+
+One program walks over tokens (a persistent grid). For each token it loads x [rows, P] (zero
+padded to [MP, P]), multiplies by the random signs, rotates with two tensor-core products
+(``A^T X B``, see ``robuq.kernels.rotation``), takes the per-token statistic, and quantizes:
+
+    s_t = alpha_t * max(stat(y_t), eps)        (dynamic; static: s_t = alpha_t)
+    q   = round_half_even(clamp(y / s_t, -Qn, Qp))          (1-bit signed: +-1 by sign)
+
+Precision: the first product has an exact bf16 operand (bf16 input, +-1 factor) and fp32
+accumulation; an fp32 operand is split into bf16 hi + lo parts (two products, ~16 mantissa
+bits), so rotated values match an fp32 rotation to ~1e-5 relative and codes differ from a
+float64 reference only for values within that distance of a rounding boundary. ``split=False``
+rounds the intermediate to bf16 once (faster, ~1e-3 relative).
+
+Outputs (each optional): int8 codes, e4m3 codes (integers |q| <= 16 are exact in e4m3), a dense
+tensor ``q * s_t`` (QAT forward) or ``q`` (bf16 codes for the A6-A8 bf16 GEMM), s_t and stat.
+Several quantizers that share one input and one rotation (q/k/v projections) are served by one
+launch: ``G`` alpha rows give ``G`` code tensors from a single read and rotation of x.
+
+The backward kernel recomputes the rotation from x (nothing but x, s_t inputs and int8 codes is
+saved) and applies the LSQ straight-through gradient:
+
+    gs_t   = sum_i G_i (q_i - m_i v_i)                         (dL/ds_t)
+    dy_i   = G_i m_i + gs_t * alpha_t * dstat/dy_i             (dynamic; stat > eps)
+    dx     = (A dy B^T) / sqrt(n) * d                          (the rotation transposed)
+    ga_t   = gs_t * stat_t   (dynamic)  or  gs_t  (static)     (per-token dL/dalpha)
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._compat import INTERPRET  # noqa: E402  (patches the CPU interpreter when it is on)
+
+
+@triton.jit
+def _round_half_even(v):
+    f = tl.floor(v + 0.5)
+    tie = (f - v) == 0.5
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where(tie & odd, f - 1.0, f)
+
+
+@triton.jit
+def _right(z, R, SPLIT: tl.constexpr, DOT_DT: tl.constexpr):
+    """z @ R, z fp32, R exact in DOT_DT."""
+    zh = z.to(DOT_DT)
+    acc = tl.dot(zh, R, out_dtype=tl.float32)
+    if SPLIT:
+        zl = (z - zh.to(tl.float32)).to(DOT_DT)
+        acc = tl.dot(zl, R, acc)
+    return acc
+
+
+@triton.jit
+def _left(L, z, SPLIT: tl.constexpr, DOT_DT: tl.constexpr):
+    """L @ z, z fp32, L exact in DOT_DT."""
+    zh = z.to(DOT_DT)
+    acc = tl.dot(L, zh, out_dtype=tl.float32)
+    if SPLIT:
+        zl = (z - zh.to(tl.float32)).to(DOT_DT)
+        acc = tl.dot(L, zl, acc)
+    return acc
+
+
+@triton.jit
+def _rotate(x, L, R, ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
+            SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr, SQRT_N: tl.constexpr):
+    if ROTATE:
+        if HAS_LEFT:
+            if R_FIRST:
+                y = _left(L, _right(x, R, SPLIT1, DOT_DT), SPLIT2, DOT_DT)
+            else:
+                y = _right(_left(L, x, SPLIT1, DOT_DT), R, SPLIT2, DOT_DT)
+        else:
+            y = _right(x, R, SPLIT1, DOT_DT)
+        y = y / SQRT_N
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def _stat(y, MODE: tl.constexpr, K: tl.constexpr, EPS: tl.constexpr):
+    if MODE == 1:
+        st = tl.sqrt(tl.sum(tl.sum(y * y, axis=1), axis=0) / K)
+    elif MODE == 2:
+        st = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
+    else:
+        st = tl.full((), 1.0, tl.float32)
+    return st
+
+
+@triton.jit
+def _quantize(v, QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr):
+    v = tl.minimum(tl.maximum(v, -QN), QP)
+    if SIGN1:
+        q = tl.where(v >= 0.0, 1.0, -1.0)
+    else:
+        q = _round_half_even(v)
+    return q
+
+
+@triton.jit
+def rotq_fwd_kernel(
+    X, SIGNS, LEFT, RIGHT, ALPHA, CODES_I8, CODES_F8, OUT, S, STAT,
+    M, n_iter, stride_x, alpha_sg, alpha_st, codes_sg, s_sg,
+    ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
+    QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr,
+    ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
+    SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
+    SQRT_N: tl.constexpr, EPS: tl.constexpr,
+    W_I8: tl.constexpr, W_F8: tl.constexpr, W_OUT: tl.constexpr, OUT_SCALED: tl.constexpr, W_STAT: tl.constexpr,
+    RELOAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    ri = tl.arange(0, MP)
+    rj = tl.arange(0, P)
+    offs = ri[:, None] * P + rj[None, :]
+    mask = (ri[:, None] < ROWS) & (rj[None, :] < P)
+    sg = tl.load(SIGNS + offs, mask=mask, other=0.0).to(tl.float32)
+    rm = tl.arange(0, MP)
+    l_offs = rm[:, None] * MP + rm[None, :]
+    r_offs = rj[:, None] * P + rj[None, :]
+    if not RELOAD:
+        L = tl.load(LEFT + l_offs)
+        R = tl.load(RIGHT + r_offs)
+    K: tl.constexpr = ROWS * P
+    for it in range(0, n_iter):
+        t = pid + it * nprog
+        ok = t < M
+        t = tl.minimum(t, M - 1)  # the last sweep repeats the final token; its writes are masked
+        mtok = mask & ok
+        if RELOAD:
+            L = tl.load(LEFT + l_offs)
+            R = tl.load(RIGHT + r_offs)
+        x = tl.load(X + t * stride_x + offs, mask=mtok, other=0.0).to(tl.float32) * sg
+        y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
+        st = _stat(y, MODE, K, EPS)
+        st = tl.maximum(st, EPS)
+        if W_STAT:
+            tl.store(STAT + t, st, mask=ok)
+        for g in tl.static_range(G):
+            alpha = tl.load(ALPHA + g * alpha_sg + t * alpha_st)
+            if MODE == 0:
+                s = alpha
+            else:
+                s = alpha * st
+            q = _quantize(y / s, QN, QP, SIGN1)
+            base = g * codes_sg + t * K + offs
+            if W_I8:
+                tl.store(CODES_I8 + base, q.to(tl.int8), mask=mtok)
+            if W_F8:
+                tl.store(CODES_F8 + base, q.to(tl.float8e4nv), mask=mtok)
+            if W_OUT:
+                if OUT_SCALED:
+                    tl.store(OUT + base, (q * s).to(OUT.dtype.element_ty), mask=mtok)
+                else:
+                    tl.store(OUT + base, q.to(OUT.dtype.element_ty), mask=mtok)
+            tl.store(S + g * s_sg + t, s, mask=ok)
+
+
+@triton.jit
+def rotq_bwd_kernel(
+    X, GRAD, SIGNS, LEFT, RIGHT, LEFT_T, ALPHA, DX, GA,
+    M, n_iter, stride_x, stride_g, alpha_st,
+    ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
+    QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr,
+    ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
+    SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
+    SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr,
+):
+    # B (Sylvester) is symmetric, so the transposed rotation is A dy B: no B^T needed.
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    ri = tl.arange(0, MP)
+    rj = tl.arange(0, P)
+    offs = ri[:, None] * P + rj[None, :]
+    mask = (ri[:, None] < ROWS) & (rj[None, :] < P)
+    sg = tl.load(SIGNS + offs, mask=mask, other=0.0).to(tl.float32)
+    rm = tl.arange(0, MP)
+    l_offs = rm[:, None] * MP + rm[None, :]
+    r_offs = rj[:, None] * P + rj[None, :]
+    if not RELOAD:
+        L = tl.load(LEFT + l_offs)
+        R = tl.load(RIGHT + r_offs)
+        LT = tl.load(LEFT_T + l_offs)
+    K: tl.constexpr = ROWS * P
+    for it in range(0, n_iter):
+        t = pid + it * nprog
+        ok = t < M
+        t = tl.minimum(t, M - 1)  # the last sweep repeats the final token; its writes are masked
+        mtok = mask & ok
+        if RELOAD:  # large tiles: keep the factors out of registers (L1/L2-resident reloads)
+            L = tl.load(LEFT + l_offs)
+            R = tl.load(RIGHT + r_offs)
+            LT = tl.load(LEFT_T + l_offs)
+        x = tl.load(X + t * stride_x + offs, mask=mtok, other=0.0).to(tl.float32) * sg
+        y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
+        st_raw = _stat(y, MODE, K, EPS)
+        st = tl.maximum(st_raw, EPS)
+        alpha = tl.load(ALPHA + t * alpha_st)
+        if MODE == 0:
+            s = alpha
+        else:
+            s = alpha * st
+        v = y / s
+        inr = (v >= -QN) & (v <= QP) & mask
+        q = _quantize(v, QN, QP, SIGN1)
+        gr = tl.load(GRAD + t * stride_g + offs, mask=mtok, other=0.0).to(tl.float32)
+        gs = tl.sum(tl.sum(gr * (q - tl.where(inr, v, 0.0)), axis=1), axis=0)
+        dy = tl.where(inr, gr, 0.0)
+        if MODE == 1:
+            coef = tl.where(st_raw > EPS, gs * alpha / (K * st), 0.0)
+            dy = dy + coef * y
+        elif MODE == 2:
+            ay = tl.abs(y)
+            hit = (ay == st_raw) & mask
+            cnt = tl.sum(tl.sum(hit.to(tl.float32), axis=1), axis=0)
+            coef = tl.where(st_raw > EPS, gs * alpha / cnt, 0.0)
+            dy = dy + tl.where(hit, tl.where(y >= 0, coef, -coef), 0.0)
+        if MODE == 0:
+            tl.store(GA + t, gs, mask=ok)
+        else:
+            tl.store(GA + t, gs * st, mask=ok)
+        # transpose of the rotation: dx = A dy B^T / sqrt(n), times the signs
+        if ROTATE:
+            if HAS_LEFT:
+                if R_FIRST:
+                    dx = _right(_left(LT, dy, True, DOT_DT), R, True, DOT_DT)
+                else:
+                    dx = _left(LT, _right(dy, R, True, DOT_DT), True, DOT_DT)
+            else:
+                dx = _right(dy, R, True, DOT_DT)
+            dx = dx / SQRT_N
+        else:
+            dx = dy
+        dx = dx * sg
+        tl.store(DX + t * stride_x + offs, dx.to(DX.dtype.element_ty), mask=mtok)

@@ -1,0 +1,95 @@
+"""Kernel checks run under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before triton
+is imported, so test_kernels_interpret.py runs this file in a subprocess). Prints OK at the end."""
+
+import copy
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1"
+
+import torch  # noqa: E402
+
+from robuq.deploy.pack import pack_ternary  # noqa: E402
+from robuq.kernels.gemm import packed_gemm  # noqa: E402
+from robuq.kernels.qat import use_fused_kernels  # noqa: E402
+from robuq.kernels.quant_ops import rotate_quantize  # noqa: E402
+from robuq.kernels.rotation import reference_rotate, rotation_layout  # noqa: E402
+from robuq.quant import QuantConfig, quantize_  # noqa: E402
+from robuq.quant.context import timestep_groups  # noqa: E402
+from robuq.quant.hadamard import HadamardRotation  # noqa: E402
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_layouts():
+    g = torch.Generator().manual_seed(0)
+    for dim, kind, bs in [(192, "kronecker", None), (768, "kronecker", None), (1152, "kronecker", None),
+                          (256, "kronecker", None), (4608, "kronecker", None), (1152, "block", 128), (192, "none", None)]:
+        rot = HadamardRotation(dim, bs) if kind != "none" else None
+        signs = rot.signs if rot is not None else torch.ones(dim)
+        x = torch.randn(5, dim, generator=g, dtype=torch.float64)
+        ref = rot(x) if rot is not None else x
+        assert rel(reference_rotate(x, signs, dim, kind, bs), ref) < 1e-12, (dim, kind)
+        lay = rotation_layout(dim, kind, bs)
+        res = rotate_quantize(x.float(), signs, lay, torch.tensor([[0.5], [0.9]]), 4, True, 1,
+                              want_i8=True, want_f8=True, out="scaled", want_stat=True)
+        rms = ref.pow(2).mean(-1, keepdim=True).sqrt()
+        for gi, a in enumerate([0.5, 0.9]):
+            qref = (ref / (a * rms)).clamp(-8, 7).round()
+            assert (res["i8"][gi].double() != qref).float().mean() < 1e-3, (dim, kind)
+            assert torch.equal(res["f8"][gi].float(), res["i8"][gi].float())
+            # (the interpreter's fp32 -> bf16 conversion truncates; the GPU rounds to nearest)
+            torch.testing.assert_close(res["out"][gi].float(), res["i8"][gi].float() * res["s"][gi][:, None],
+                                       rtol=8e-3, atol=0)
+        torch.testing.assert_close(res["stat"].double(), rms[:, 0], rtol=1e-5, atol=0)
+    print("layouts ok")
+
+
+def check_packed_gemm():
+    g = torch.Generator().manual_seed(1)
+    for m, n, k in [(5, 37, 50), (70, 64, 192), (3, 20, 7)]:
+        codes = torch.randint(-1, 2, (n, k), generator=g)
+        a = torch.randint(-2, 2, (m, k), generator=g).float()
+        sa, sb, b = torch.rand(m, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
+        y = packed_gemm(a, pack_ternary(codes), k, sa, sb, b, out_dtype=torch.float32,
+                        config=dict(BM=16, BN=16, BK=16, GROUP_M=1))
+        torch.testing.assert_close(y, (a @ codes.float().T) * sa[:, None] * sb[None] + b)
+    print("packed gemm ok")
+
+
+def check_qat():
+    torch.manual_seed(0)
+    cfgs = [dict(act_bits=2), dict(act_bits=4, act_stat="absmax"), dict(act_bits=3, act_mode="static"),
+            dict(act_bits=1), dict(act_bits=2, rotation="block", block_size=64), dict(act_bits=2, timestep_groups=3)]
+    for cfg in cfgs:
+        net = torch.nn.Sequential(torch.nn.Linear(192, 768))
+        quantize_(net, QuantConfig(include=["0"], **cfg))
+        net._forward_pre_hooks.clear()  # groups come from the context below, not from a DiT call
+        net._forward_hooks.clear()
+        x = torch.randn(3, 7, 192) * 3
+        ids = torch.tensor([0, 2, 1])
+        with timestep_groups(ids):
+            net(x)
+            ref, fus = copy.deepcopy(net), copy.deepcopy(net)
+            assert use_fused_kernels(fus) == {"0": True}
+            xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+            yr, yf = ref(xr), fus(xf)
+            gy = torch.randn_like(yr)
+            (yr * gy).sum().backward()
+            (yf * gy).sum().backward()
+        assert rel(yf, yr) < 1e-5, cfg
+        assert rel(xf.grad, xr.grad) < 1e-5, cfg
+        pr, pf = dict(ref.named_parameters()), dict(fus.named_parameters())
+        for name in pr:
+            assert rel(pf[name].grad, pr[name].grad) < 1e-5, (cfg, name)
+    print("qat ok")
+
+
+if __name__ == "__main__":
+    check_layouts()
+    check_packed_gemm()
+    check_qat()
+    print("OK")
+    sys.exit(0)

@@ -1,0 +1,137 @@
+"""GPU checks of the Triton kernels and the fp8 GEMM (skipped without CUDA)."""
+
+import copy
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+if torch.cuda.is_available():
+    from robuq.deploy.modules import PackedTernaryLinear
+    from robuq.deploy.pack import pack_ternary
+    from robuq.kernels.gemm import packed_gemm, raw_fp8_accumulate, scaled_mm_rowwise
+    from robuq.kernels.qat import use_fused_kernels
+    from robuq.kernels.quant_ops import rotate_quantize
+    from robuq.kernels.rotation import rotation_layout
+    from robuq.quant import QuantConfig, quantize_
+    from robuq.quant.hadamard import HadamardRotation
+
+DEV = "cuda"
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dim,kind,bs", [(1152, "kronecker", None), (4608, "kronecker", None), (192, "kronecker", None),
+                                         (768, "kronecker", None), (1152, "block", 128), (4096, "kronecker", None)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits,mode", [(2, 1), (4, 2), (3, 0)])
+def test_rotate_quantize_vs_float64(dim, kind, bs, dtype, bits, mode):
+    torch.manual_seed(dim + bits)
+    rot = HadamardRotation(dim, bs).to(DEV)
+    x = (torch.randn(777, dim, device=DEV) * torch.rand(777, 1, device=DEV) * 4).to(dtype)
+    x[:, :7] *= 30  # outlier channels
+    lay = rotation_layout(dim, kind, bs)
+    alpha = torch.tensor([[0.8], [1.3]], device=DEV)
+    res = rotate_quantize(x, rot.signs, lay, alpha, bits, True, mode, want_i8=True, want_f8=True, out="scaled",
+                          want_stat=True)
+    r = rot(x.double())
+    qn, qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    stat = {0: torch.ones(777, 1, device=DEV, dtype=torch.float64), 1: r.pow(2).mean(-1, keepdim=True).sqrt(),
+            2: r.abs().amax(-1, keepdim=True)}[mode]
+    if mode:
+        torch.testing.assert_close(res["stat"].double(), stat[:, 0], rtol=2e-5, atol=0)
+    for g, a in enumerate(alpha[:, 0].tolist()):
+        q = (r / (a * stat)).clamp(-qn, qp).round()
+        mismatch = (res["i8"][g].double() != q)
+        assert mismatch.float().mean().item() < 2e-4, mismatch.float().mean().item()
+        assert (res["i8"][g].double() - q).abs().max() <= 1
+        assert torch.equal(res["f8"][g].float(), res["i8"][g].float())
+        s = res["s"][g]
+        torch.testing.assert_close(s.double(), a * stat[:, 0], rtol=2e-5, atol=0)
+        torch.testing.assert_close(res["out"][g], (res["i8"][g].float() * s[:, None]).bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k,n,qmax", [(1152, 1152, 2), (4608, 1152, 8), (1152, 4608, 16), (4608, 3456, 16)])
+@pytest.mark.parametrize("fast", [False, True])
+def test_fp8_gemm_exact(k, n, qmax, fast):
+    """e4m3 integer codes x e4m3 ternary: the fp32 accumulator equals the exact integer product."""
+    torch.manual_seed(k + n)
+    m = 1024
+    a = torch.randint(-qmax, qmax, (m, k), device=DEV).float()
+    a[:, :64] = -qmax  # worst-case same-sign runs
+    w = torch.randint(-1, 2, (n, k), device=DEV).float()
+    w[:, :64] = 1
+    ref = a.double() @ w.double().t()
+    acc = raw_fp8_accumulate(a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn), use_fast_accum=fast)
+    assert torch.equal(acc.double(), ref), f"max err {(acc.double() - ref).abs().max().item()} (fast_accum={fast})"
+
+
+def test_scaled_mm_rowwise_epilogue():
+    torch.manual_seed(0)
+    m, k, n = 512, 1152, 4608
+    a = torch.randint(-2, 2, (m, k), device=DEV).float()
+    w = torch.randint(-1, 2, (n, k), device=DEV).float()
+    sa, sb = torch.rand(m, device=DEV) + 0.1, torch.rand(n, device=DEV) * 0.01
+    b = torch.randn(n, device=DEV)
+    y = scaled_mm_rowwise(a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn), sa, sb, b, out_dtype=torch.bfloat16)
+    ref = (a.double() @ w.double().t()) * sa.double()[:, None] * sb.double()[None] + b.double()
+    assert rel(y, ref) < 4e-3  # bf16 output rounding only
+
+
+@pytest.mark.parametrize("m", [1, 8, 32, 256, 2048])
+@pytest.mark.parametrize("k,n", [(1152, 6912), (4608, 1152), (192, 768)])
+@pytest.mark.parametrize("adt", [torch.float8_e4m3fn, torch.bfloat16])
+def test_packed_gemm_exact(m, k, n, adt):
+    torch.manual_seed(m + k)
+    codes = torch.randint(-1, 2, (n, k), device=DEV)
+    a = torch.randint(-8, 8, (m, k), device=DEV).float()
+    sa, sb = torch.rand(m, device=DEV) + 0.5, torch.rand(n, device=DEV) + 0.5
+    b = torch.randn(n, device=DEV)
+    y = packed_gemm(a.to(adt), pack_ternary(codes), k, sa, sb, b, out_dtype=torch.float32)
+    ref = (a.double() @ codes.double().t()) * sa.double()[:, None] * sb.double()[None] + b.double()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("cfg", [dict(act_bits=2), dict(act_bits=4, act_stat="absmax"), dict(act_bits=3, act_mode="static")])
+def test_fused_qat_matches_reference(autocast, cfg):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1152, 4608), torch.nn.GELU(), torch.nn.Linear(4608, 1152)).to(DEV)
+    quantize_(net, QuantConfig(include=["0", "2"], **cfg))
+    x = torch.randn(4, 64, 1152, device=DEV)
+    net(x)
+    ref, fus = copy.deepcopy(net), copy.deepcopy(net)
+    assert all(use_fused_kernels(fus).values())
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        yr, yf = ref(xr), fus(xf)
+    gy = torch.randn_like(yr.float())
+    (yr.float() * gy).sum().backward()
+    (yf.float() * gy).sum().backward()
+    tol = 3e-2 if autocast else 1e-3
+    assert rel(yf, yr) < tol
+    assert rel(xf.grad, xr.grad) < tol
+    pr, pf = dict(ref.named_parameters()), dict(fus.named_parameters())
+    for name in pr:
+        assert rel(pf[name].grad, pr[name].grad) < tol, name
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+def test_packed_linear_cuda_vs_reference(bits, gemm):
+    torch.manual_seed(bits)
+    net = torch.nn.Sequential(torch.nn.Linear(1152, 4608)).to(DEV)
+    quantize_(net, QuantConfig(include=["0"], act_bits=bits))
+    x = torch.randn(2, 300, 1152, device=DEV) * 2
+    net(x)
+    layer = PackedTernaryLinear.from_quant_linear(net[0])
+    layer.gemm = gemm
+    xb = x.bfloat16()
+    with torch.no_grad():
+        y = layer(xb)
+        ref = layer.forward_reference(xb.float())  # same bf16 input, fp32 torch math
+    assert y.dtype == torch.bfloat16
+    assert rel(y, ref) < 1e-2
