@@ -143,3 +143,26 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
         else:
             other += n
     return {"packed_layers": packed, "other": other, "total": packed + other}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``python -m robuq.deploy.export --checkpoint runs/x/checkpoints/last.ckpt --out exported/x``"""
+    import argparse
+
+    from robuq.module import load_for_eval
+
+    p = argparse.ArgumentParser(description="Export a robuq QAT checkpoint as a packed inference model directory.")
+    p.add_argument("--checkpoint", required=True, help="a robuq QAT .ckpt")
+    p.add_argument("--out", required=True)
+    p.add_argument("--raw", action="store_true", help="export the raw student instead of its EMA")
+    args = p.parse_args(argv)
+    model, info = load_for_eval(args.checkpoint, use_ema=not args.raw)
+    if info["task"] != "qat":
+        raise SystemExit(f"{args.checkpoint} is a full-precision ({info['task']}) checkpoint: nothing to pack")
+    out = export(model, args.out)
+    print(f"exported {info['weights']} weights of {args.checkpoint} (step {info['global_step']}) to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

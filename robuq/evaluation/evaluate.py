@@ -27,12 +27,15 @@ console = Console(stderr=True)
 
 def load_model(checkpoint: str, use_ema: bool = True) -> tuple[nn.Module, dict]:
     """(model, info) from a robuq Lightning `.ckpt` (EMA weights if use_ema; info holds e.g. the
-    bit plan summary) or a diffusers DiT directory / hub id (info is empty)."""
+    bit plan), an exported packed model directory (robuq.deploy) or a diffusers DiT directory / hub id."""
     if checkpoint.endswith(".ckpt"):
         from robuq.module import load_for_eval
 
         return load_for_eval(checkpoint, use_ema=use_ema)
-    # Exported quantized model directories (issue 8) get their branch here.
+    from robuq.deploy.export import CONFIG_NAME, load_exported
+
+    if (Path(checkpoint) / CONFIG_NAME).is_file():
+        return load_exported(checkpoint), {"checkpoint": checkpoint, "exported": True}
     from robuq.models import load_dit
 
     return load_dit(checkpoint), {}

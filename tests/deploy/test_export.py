@@ -138,3 +138,16 @@ def test_export_refuses_uninitialised(tmp_path):
         export(student, tmp_path)
     with pytest.raises(FileNotFoundError, match="robuq export"):
         load_exported(tmp_path / "nothing")
+
+
+def test_evaluate_loads_an_exported_directory(tmp_path):
+    from robuq.evaluation.evaluate import load_model
+
+    student = init_and_eval(tiny_student(act_bits=4))
+    export(student, tmp_path)
+    model, info = load_model(str(tmp_path))
+    assert info["exported"] and any(isinstance(m, PackedTernaryLinear) for m in model.modules())
+    x, t, y = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, timestep=t, class_labels=y).sample,
+                                   student(x, timestep=t, class_labels=y).sample, rtol=1e-3, atol=1e-3)

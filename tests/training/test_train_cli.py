@@ -39,6 +39,11 @@ def test_pretrain_then_qat_then_evaluate_model(tmp_path, tiny_teacher, make_conf
     x, t, y = torch.randn(3, 1, 32, 32), torch.tensor([1, 500, 999]), torch.tensor([0, 1, 10])
     assert torch.isfinite(model(x, timestep=t, class_labels=y).sample).all()
 
+    from robuq.deploy.export import CONFIG_NAME, main as export_main
+
+    out = export_main(["--checkpoint", str(tmp_path / "qat" / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "exp")])
+    assert (out / CONFIG_NAME).is_file()
+
 
 def test_resume_is_exact(tmp_path, tiny_teacher, make_config):
     """8 steps straight == 4 steps, stop, resume from last.ckpt, 4 more (weights, EMA, steps, optimiser)."""
