@@ -164,10 +164,14 @@ class DiTModule(L.LightningModule):
         if self.trainer.world_size > 1:  # every rank skips or stops together, else DDP hangs in backward
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
-            msg = f"non-finite training loss ({loss.item()}) at step {self.global_step}; {self._first_bad_quantizer()}"
+            here = f"({loss.item()})" if not torch.isfinite(loss) else f"on another rank (here {loss.item():.4g})"
+            msg = f"non-finite training loss {here} at step {self.global_step}; {self._first_bad_quantizer()}"
             if self.nan_policy == "skip":
                 rank_zero_warn(msg + "; skipping this step (nan_policy=skip)")
-                return None
+                # Not `return None` (Lightning refuses it under DDP): a loss with zero gradient for
+                # every weight keeps all ranks in the gradient all-reduce; the update is then dropped.
+                self._skip_update = True
+                return torch.stack([p.sum() for p in self.student.parameters() if p.requires_grad]).sum() * 0.0
             raise FloatingPointError(msg + ". The last checkpoint is intact; lower the lr or set nan_policy=skip.")
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=x0.shape[0])
         return loss
@@ -214,6 +218,10 @@ class DiTModule(L.LightningModule):
         """A finite loss can still give non-finite gradients (overflow in backward); stepping on
         them would write NaN weights into the next checkpoint. ``stop`` raises before the step,
         ``skip`` drops this step's update. (With fp16's GradScaler, the scaler does this itself.)"""
+        if getattr(self, "_skip_update", False):  # training_step found a non-finite loss (nan_policy=skip)
+            for p in self.student.parameters():
+                p.grad = None
+            return
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
         grads = [p.grad for p in self.student.parameters() if p.grad is not None]
@@ -223,6 +231,7 @@ class DiTModule(L.LightningModule):
         msg = f"non-finite gradient at step {self.global_step} (first: {name}); {self._first_bad_quantizer()}"
         if self.nan_policy == "skip":
             rank_zero_warn(msg + "; skipping this step's update (nan_policy=skip)")
+            self._skip_update = True
             for p in self.student.parameters():
                 p.grad = None
             return
@@ -230,6 +239,9 @@ class DiTModule(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
+        if getattr(self, "_skip_update", False):  # a skipped step (nan_policy=skip) moves nothing, EMA included
+            self._skip_update = False
+            return
         self._update_ema()
 
     @torch.no_grad()
