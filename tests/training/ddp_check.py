@@ -35,3 +35,6 @@ if __name__ == "__main__":
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
                         logger=False, limit_val_batches=0, callbacks=[Gather(out)])
     trainer.fit(model, FashionMNISTDataModule(batch_size=4))
+    if torch.distributed.is_initialized():  # a clean gloo teardown (else an abort at exit, now and then)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
