@@ -30,13 +30,19 @@ def load_dit(source: str, subfolder: str | None = None) -> DiTTransformer2DModel
     if path.is_dir() and subfolder is None and (path / "transformer" / "config.json").exists():
         subfolder = "transformer"  # a whole diffusers pipeline directory
     try:
-        return DiTTransformer2DModel.from_pretrained(source, subfolder=subfolder, use_safetensors=True)
+        model, info = DiTTransformer2DModel.from_pretrained(
+            source, subfolder=subfolder, use_safetensors=True, output_loading_info=True)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(
             f"cannot load a DiT from {source!r}: {e}\n"
             "Give a local diffusers directory (config.json + diffusion_pytorch_model.safetensors), "
             "a robuq .ckpt, or a hub id already in your Hugging Face cache (set HF_HUB_OFFLINE=1 offline)."
         ) from None
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise ValueError(f"DiT weights in {source!r} are missing {len(missing)} tensors its config needs "
+                         f"(e.g. {missing[0]}): the weights file does not belong to this config.json")
+    return model
 
 
 def dit_config(model: nn.Module) -> dict:

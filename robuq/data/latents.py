@@ -24,8 +24,11 @@ def read_index(root: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {root} holds no prepared latents; make them with "
                                 "python -m robuq.data.prepare (see docs/DATA.md)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is corrupt ({e}); rerun python -m robuq.data.prepare on the same output to rebuild it") from None
 
 
 def check_shard(path: str, latent_shape=None, count: int | None = None) -> dict:

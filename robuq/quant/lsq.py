@@ -161,7 +161,7 @@ class LSQQuantizer(nn.Module):
         return ids.to(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
+        if not self.enabled or x.numel() == 0:
             return x
         if not self.initialized:
             self.initialize(x)

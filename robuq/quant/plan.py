@@ -58,6 +58,8 @@ class BitPlan:
 
 
 def check_plan_bits(name: str, bits, where="bit plan") -> None:
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: layer names must be strings (module names), got {name!r}")
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in PLAN_BITS:
         raise ValueError(f"{where}: layer {name!r} has activation width {bits!r}; widths must be integers in 1..8")
 
@@ -68,6 +70,8 @@ def as_bits(plan: "BitPlan | dict[str, int] | str | Path | None") -> dict[str, i
         return {}
     if isinstance(plan, (str, Path)):
         plan = BitPlan.load(plan)
+    if not isinstance(plan, (BitPlan, dict)):
+        raise ValueError(f"a bit plan must map layer names to bits, got a {type(plan).__name__}")
     bits = plan.bits if isinstance(plan, BitPlan) else dict(plan)
     for name, b in bits.items():
         check_plan_bits(name, b)

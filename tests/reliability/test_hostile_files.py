@@ -146,8 +146,6 @@ def test_corrupt_teacher_config_names_the_file(tmp_path, tiny_teacher):
         load_dit(str(d))
 
 
-@pytest.mark.xfail(strict=True, reason="robuq/models.py load_dit accepts a teacher whose safetensors lack weights "
-                   "its config needs: diffusers only warns and initialises them at random; reported")
 def test_teacher_with_missing_weights_is_refused(tmp_path, tiny_teacher):
     cfg = json.loads((damaged_teacher(tmp_path, tiny_teacher, "x") / "config.json").read_text())
     d = damaged_teacher(tmp_path, tiny_teacher, "more_layers", config=json.dumps({**cfg, "num_layers": 2}))
@@ -183,8 +181,6 @@ def test_shard_of_another_shape_names_the_file(tmp_path):
         check_shard(str(path), [4, 2, 2])
 
 
-@pytest.mark.xfail(strict=True, reason="robuq/data/latents.py read_index lets json.JSONDecodeError out without the "
-                   "file's name; reported")
 def test_corrupt_index_names_the_file(tmp_path):
     (tmp_path / "index.json").write_text('{"complete": tr')
     with pytest.raises(ValueError, match="index.json"):
