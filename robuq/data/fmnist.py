@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from robuq.data.loader import ResumableDataLoader, split_key
+from robuq.data.loader import ResumableDataLoader, datamodule_loader, split_key
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -101,9 +101,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
             self.val = FashionMNIST(images[:self.val_size], labels[:self.val_size])
 
     def _loader(self, dataset, train: bool) -> ResumableDataLoader:
-        return ResumableDataLoader(dataset, self.batch_size, shuffle=train, drop_last=train,
-                                   seed=self.seed, hflip=self.hflip and train,
-                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return datamodule_loader(self, dataset, train)
 
     def train_dataloader(self):
         return self._loader(self.train, train=True)

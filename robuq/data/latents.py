@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from robuq.data.loader import ResumableDataLoader, Subset, split_key
+from robuq.data.loader import ResumableDataLoader, datamodule_loader, Subset, split_key
 
 INDEX = "index.json"
 
@@ -161,9 +161,7 @@ class LatentDataModule(L.LightningDataModule):
             self.val, self.train = Subset(data, np.sort(order[:k])), Subset(data, np.sort(order[k:]))
 
     def _loader(self, dataset, train: bool) -> ResumableDataLoader:
-        return ResumableDataLoader(dataset, self.batch_size, shuffle=train, drop_last=train,
-                                   seed=self.seed, hflip=self.hflip and train,
-                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return datamodule_loader(self, dataset, train)
 
     def train_dataloader(self):
         return self._loader(self.train, train=True)

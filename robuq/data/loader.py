@@ -134,3 +134,10 @@ class ResumableDataLoader(DataLoader):
         s.epoch, s.batches, s.restored = state["epoch"], batches, True
         if batches >= s.num_batches:  # fewer batches per epoch now: the saved epoch is over
             s.epoch, s.batches = s.epoch + 1, 0
+
+
+def datamodule_loader(dm, dataset: Dataset, train: bool) -> ResumableDataLoader:
+    """The loader both datamodules use: shuffled, drop_last and flipped for training only."""
+    return ResumableDataLoader(dataset, dm.batch_size, shuffle=train, drop_last=train, seed=dm.seed,
+                               hflip=dm.hflip and train, num_workers=dm.num_workers,
+                               persistent_workers=dm.num_workers > 0)
