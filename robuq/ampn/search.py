@@ -310,7 +310,13 @@ def search(
         guided = allocate(cache.ptq, weights, budget, method, **kw)
         report["ptq_guided"] = dict(layers_differing=sum(guided.bits[n] != b for n, b in best.bits.items()),
                                     predicted_loss_increase=sum(table[n][b] for n, b in guided.bits.items()),
-                                    average_bits=guided.average_bits)
+                                    average_bits=guided.average_bits, plan="plan_ptq.yaml")
+        BitPlan(bits=guided.bits, budget=budget, weighting=weighting, candidates=candidates, method=method,
+                source=f"{source} (PTQ sensitivity of the FP teacher)", extra={"search": report["ptq_guided"]}
+                ).save(out / "plan_ptq.yaml")
+        save_heatmap(guided.bits, out / "plan_ptq.png", candidates,
+                     f"PTQ-guided {method}: budget {budget:g} ({weighting}), average {guided.average_bits:.3f} bits",
+                     weights if weighting == "macs" else None)
     if verify:
         set_act_bits(student, {n: b for n, b in best.bits.items() if b != base}, reinit=True)
         calibrate(student, calib)

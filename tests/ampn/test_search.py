@@ -41,7 +41,8 @@ def test_cli_end_to_end_outputs(teacher_dir, tmp_path, capsys):
 
     summary = main(["--config", str(config), "--budget", "1.5"])
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} == {"plan.yaml", "plan.png", "sensitivity.json", "warmup.pt"}
+    assert {p.name for p in out.iterdir()} == {"plan.yaml", "plan.png", "plan_ptq.yaml", "plan_ptq.png",
+                                               "sensitivity.json", "warmup.pt"}
     table, plan = read(out)
     assert list(table["qat"]) == LAYERS and table["base_bits"] == 2 and table["candidates"] == [1, 2]
     assert all(row["2"] == 0.0 for row in table["qat"].values())
@@ -59,6 +60,10 @@ def test_cli_end_to_end_outputs(teacher_dir, tmp_path, capsys):
     assert report["predicted_loss_increase"] == pytest.approx(sum(table["qat"][n][str(b)] for n, b in plan.bits.items()))
     assert "measured_loss_increase" in report and "ptq_guided" in report
     assert summary["plan"] == str(out / "plan.yaml")
+    ptq_plan = BitPlan.load(out / "plan_ptq.yaml")  # the PTQ-guided plan, trainable like the QAT one
+    assert list(ptq_plan.bits) == LAYERS and ptq_plan.budget == 1.5
+    assert average_bits(ptq_plan.bits, table["macs"]) <= 1.5 + 1e-9
+    assert report["ptq_guided"]["layers_differing"] == sum(ptq_plan.bits[n] != b for n, b in plan.bits.items())
 
 
 def test_interrupted_search_resumes_to_the_same_table_and_plan(teacher_dir, tmp_path, monkeypatch):
