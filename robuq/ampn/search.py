@@ -32,6 +32,7 @@ from robuq.ampn.sensitivity import (
     layer_macs,
     ptq_sensitivity,
     qat_sensitivity,
+    reference_loss,
     stratified_batches,
     to_device,
 )
@@ -322,7 +323,7 @@ def search(
         calibrate(student, calib)
         if adapt is not None:
             adapt(student)
-        report["measured_loss_increase"] = distill_loss(student, held) - base_loss
+        report["measured_loss_increase"] = distill_loss(student, held) - reference_loss(student, held, cache, adapt)
 
     BitPlan(bits=best.bits, budget=budget, weighting=weighting, candidates=candidates, method=method,
             source=source, extra={"search": report}).save(out / "plan.yaml")

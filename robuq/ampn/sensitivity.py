@@ -4,8 +4,9 @@ QAT sensitivity of quantized layer l at width b, on a student QAT-adapted at the
 
     s_l(b) = L(student, only l at b) - L(student),    L = mean over held-out of (f_S - f_T)^2
 
-where l's step is re-initialised for b and calibrated on one batch (plus ``adapt`` steps of
-distillation if given), and l is restored afterwards; s_l(b0) = 0. PTQ sensitivity, for comparison,
+where l's step is re-initialised for b and calibrated on one batch, and l is restored afterwards;
+s_l(b0) = 0. With ``adapt`` (a few distillation steps after the change) both terms are adapted
+alike, so the steps' own gain cancels: s_l(b) = L(adapt(only l at b)) - L(adapt(student)). PTQ sensitivity, for comparison,
 on the full-precision teacher with only l's activations quantized (weights kept FP):
 
     p_l(b) = mean over held-out of (Q_b(x R) (W R)^T - x W^T)^2,   computed as Q_b(x R) R^T W^T
@@ -206,7 +207,8 @@ class SensitivityCache:
 
     def __init__(self, path: str | Path, fingerprint: dict):
         self.path, self.fingerprint = Path(path), fingerprint
-        self.data = {"fingerprint": fingerprint, "base_loss": None, "macs": None, "ptq": None, "qat": {}}
+        self.data = {"fingerprint": fingerprint, "base_loss": None, "adapted_base_loss": None, "macs": None,
+                     "ptq": None, "qat": {}}
         if self.path.is_file():
             try:
                 old = json.loads(self.path.read_text())
@@ -233,7 +235,7 @@ class SensitivityCache:
         return self._table(self.data["ptq"])
 
     def get(self, key: str):
-        return self.data[key]
+        return self.data.get(key)
 
     def update(self, **values) -> None:
         self.data.update(values)
@@ -244,11 +246,26 @@ class SensitivityCache:
         write_json(self.path, self.data)
 
 
+def reference_loss(student: nn.Module, batches: list[Batch], cache: SensitivityCache,
+                   adapt: Callable[[nn.Module], None] | None = None) -> float:
+    """The loss s_l(b) is measured against: L(student), or with ``adapt`` L(adapt(student)) (cached)."""
+    if adapt is None:
+        return cache.get("base_loss")
+    if cache.get("adapted_base_loss") is None:
+        saved = _clone_state(student)
+        try:
+            adapt(student)
+            cache.update(adapted_base_loss=distill_loss(student, batches))
+        finally:
+            student.load_state_dict(saved)
+    return cache.get("adapted_base_loss")
+
+
 def qat_sensitivity(student: nn.Module, batches: list[Batch], calib: Batch, candidates: list[int], base: int,
                     cache: SensitivityCache, adapt: Callable[[nn.Module], None] | None = None,
                     log: Callable[[str], None] = print) -> dict[str, dict[int, float]]:
     """s_l(b) for every quantized layer and candidate width, resuming from (and extending) ``cache``."""
-    base_loss = cache.get("base_loss")
+    base_loss = reference_loss(student, batches, cache, adapt)
     layers = list(quant_layers(student))
     done = cache.qat
     if done:

@@ -5,8 +5,18 @@ import copy
 import torch
 
 from robuq.ampn.search import distill_steps
-from robuq.ampn.sensitivity import add_targets, calibrate, layer_macs, measure_layer, stratified_batches
-from robuq.models import load_dit
+from robuq.ampn.sensitivity import (
+    SensitivityCache,
+    add_targets,
+    calibrate,
+    distill_loss,
+    layer_macs,
+    measure_layer,
+    qat_sensitivity,
+    reference_loss,
+    stratified_batches,
+)
+from robuq.models import disable_label_dropout, load_dit
 from robuq.quant import act_bits, quantize_
 from robuq.quant.context import timestep_group_ids
 
@@ -54,3 +64,30 @@ def test_measure_layer_restores_the_student(teacher_dir):
     for k, v in before.items():
         assert torch.equal(after[k], v) if torch.is_tensor(v) else after[k] == v, k
     assert set(act_bits(student).values()) == {2}
+
+
+def test_adapted_sensitivity_is_measured_against_the_equally_adapted_base(teacher_dir, tmp_path):
+    teacher = load_dit(teacher_dir).eval()
+    disable_label_dropout(teacher)  # as search does: the adaptation is then fully seeded
+    student = copy.deepcopy(teacher)
+    quantize_(student)
+    held = stratified_batches(torch.randn(12, 1, 32, 32), torch.arange(12) % 10, 4, 4, 0)
+    add_targets(teacher, held)
+    calibrate(student, held[0])
+    fixed = [(torch.randn(4, 1, 32, 32), torch.arange(4))] * 3
+
+    def adapt(model):
+        distill_steps(model, teacher, iter(fixed), 3, 1e-3, 1e-3, 0.1, 0)
+
+    cache = SensitivityCache(tmp_path / "table.json", {"case": 1})
+    cache.update(base_loss=distill_loss(student, held[1:]))
+    before = copy.deepcopy(student.state_dict())
+    ref = reference_loss(student, held[1:], cache, adapt)
+    adapted = copy.deepcopy(student)
+    adapt(adapted)
+    assert ref == distill_loss(adapted, held[1:]) != cache.get("base_loss")  # the steps' own gain is in the reference
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in before.items() if torch.is_tensor(v))
+    table = qat_sensitivity(student, held[1:], held[0], [1, 2], 2, cache, adapt, log=lambda _: None)
+    name = "transformer_blocks.0.ff.net.2"
+    assert table[name][2] == 0.0
+    assert table[name][1] == measure_layer(student, name, 1, held[1:], held[0], adapt) - ref
