@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
+from safetensors import safe_open
 from torch import nn
 
 
@@ -16,6 +17,17 @@ def build_dit(config: dict) -> DiTTransformer2DModel:
         return DiTTransformer2DModel(**config)
     except TypeError as e:
         raise ValueError(f"bad DiT config {config}: {e}") from None
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Read a safetensors file's header; a truncated or corrupt file is a ValueError naming it."""
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except Exception as e:  # safetensors raises its own error type
+        raise ValueError(f"weights file {path} is truncated or corrupt ({e}); re-download or copy it again, "
+                         "or re-export it from its training checkpoint (python -m robuq.models --ckpt CKPT "
+                         "--out DIR)") from e
 
 
 def load_dit(source: str, subfolder: str | None = None) -> DiTTransformer2DModel:
@@ -33,6 +45,9 @@ def load_dit(source: str, subfolder: str | None = None) -> DiTTransformer2DModel
         model, info = DiTTransformer2DModel.from_pretrained(
             source, subfolder=subfolder, use_safetensors=True, output_loading_info=True)
     except (OSError, ValueError) as e:
+        if path.is_dir():  # diffusers names the file but not what is wrong with it
+            for weights in sorted((path / (subfolder or "")).glob("*.safetensors")):
+                check_safetensors(weights)
         raise FileNotFoundError(
             f"cannot load a DiT from {source!r}: {e}\n"
             "Give a local diffusers directory (config.json + diffusion_pytorch_model.safetensors), "

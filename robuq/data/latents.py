@@ -53,12 +53,34 @@ def check_shard(path: str, latent_shape=None, count: int | None = None) -> dict:
     return meta
 
 
+def vae_identity(d: dict) -> str:
+    """The VAE an index or a shard's settings record: 'NAME' (vae_subfolder S, vae_sha256 D)."""
+    extra = [f"{k} {d[k]}" for k in ("vae_subfolder", "vae_sha256") if d.get(k)]
+    return repr(d.get("vae")) + (f" ({', '.join(extra)})" if extra else "")
+
+
+def check_shard_vae(path: str, meta: dict, index: dict) -> None:
+    """Refuse a shard whose settings record another VAE than its index (weights digest, else name)."""
+    if "settings" not in meta:  # hand-made shards carry no settings
+        return
+    settings = json.loads(meta["settings"])
+    if "vae_sha256" in settings and "vae_sha256" in index:
+        same = settings["vae_sha256"] == index["vae_sha256"]
+    else:  # made before prepare recorded the digest
+        same = (settings.get("vae"), settings.get("vae_subfolder")) == (index.get("vae"), index.get("vae_subfolder"))
+    if not same:
+        raise ValueError(f"shard {path} holds latents of another VAE, {vae_identity(settings)}, than its index.json, "
+                         f"{vae_identity(index)} (copied from another prepared directory?); remove the shard and "
+                         "rerun the same prepare command to rewrite it")
+
+
 class LatentShardDataset(torch.utils.data.Dataset):
     """(latent [C, H, W] float32, label) pairs from a prepared directory.
 
     A key (i, True) (see robuq.data.loader) returns the flipped sample: `latents_flip` when the
     shards have it, else, if `flip_latents`, the latent mirrored along W (an approximation).
-    `expected_vae`: refuse latents made by another VAE. Labels are loaded up front (8 B each).
+    `expected_vae`: refuse latents made by another VAE; a shard whose own settings record another
+    VAE than the index is refused too. Labels are loaded up front (8 B each).
     """
 
     def __init__(self, root: str, expected_vae: str | None = None, flip_latents: bool = False):
@@ -73,7 +95,7 @@ class LatentShardDataset(torch.utils.data.Dataset):
         self.files = [os.path.join(root, s["file"]) for s in index["shards"]]
         labels = []
         for path, shard in zip(self.files, index["shards"]):
-            check_shard(path, index["latent_shape"], shard["count"])
+            check_shard_vae(path, check_shard(path, index["latent_shape"], shard["count"]), index)
             with safe_open(path, "pt") as f:
                 labels.append(f.get_tensor("labels"))
         self.labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)

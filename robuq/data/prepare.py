@@ -10,6 +10,7 @@ shard and writes the rest.
 """
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -131,6 +132,15 @@ def load_vae(vae: str, subfolder: str | None):
         raise RuntimeError(f"cannot load the VAE {vae!r} ({e}). {how}") from e
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 (first 16 hex digits) of a model's weights: tells apart VAEs of one config (ft-ema, ft-mse)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name} {t.dtype} {list(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
 def prepare(
     data: str,
     output: str,
@@ -183,12 +193,14 @@ def prepare(
     if n == 0:
         raise ValueError(f"no images found in {data}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_vae(vae, vae_subfolder).to(device).eval().requires_grad_(False)
+    model = load_vae(vae, vae_subfolder)
+    vae_sha256 = weights_digest(model)
+    model = model.to(device).eval().requires_grad_(False)
     factor = 2 ** (len(model.config.block_out_channels) - 1)
     latent_shape = [model.config.latent_channels, image_size // factor, image_size // factor]
     scaling_factor = model.config.scaling_factor
     settings = dict(data=data, reader=reader, split=split, vae=vae, vae_subfolder=vae_subfolder,
-                    image_size=image_size, posterior=posterior, flip=flip, shard_size=shard_size,
+                    vae_sha256=vae_sha256, image_size=image_size, posterior=posterior, flip=flip, shard_size=shard_size,
                     seed=seed, num_images=n)
 
     # Keep the valid shards of an earlier run; each carries its settings and index entry.
@@ -219,8 +231,8 @@ def prepare(
         entries = [shards[k] for k in sorted(shards)]
         failed = [name for e in entries for name in e["failed"]]
         index = dict(complete=len(shards) == math.ceil(n / shard_size), vae=vae, vae_subfolder=vae_subfolder,
-                     scaling_factor=scaling_factor, latent_shape=latent_shape, image_size=image_size,
-                     posterior=posterior, flip=flip, class_names=list(class_names),
+                     vae_sha256=vae_sha256, scaling_factor=scaling_factor, latent_shape=latent_shape,
+                     image_size=image_size, posterior=posterior, flip=flip, class_names=list(class_names),
                      num_samples=sum(e["count"] for e in entries), num_failed=len(failed), failed=failed,
                      shards=entries, settings=settings)
         write_atomic(os.path.join(output, INDEX), lambda p: Path(p).write_text(json.dumps(index, indent=1)))

@@ -26,6 +26,22 @@ EMBEDDER_LINEARS = ["transformer_blocks.*.norm1.emb.timestep_embedder.linear_*"]
 FINAL_LINEARS = ["proj_out_1", "proj_out_2"]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to us
+
+
+# What each field annotation accepts: (in words, check). YAML and plain dicts reach QuantConfig
+# untyped, so a string "2", a bool for an int, or "no" for a bool must be refused here.
+_TYPES = {
+    "int": ("an integer", _is_int),
+    "int | None": ("an integer or null", lambda v: v is None or _is_int(v)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "list[str]": ("a list of strings (fnmatch patterns)",
+                  lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v)),
+}
+
+
 @dataclass
 class QuantConfig:
     """How to quantize a DiT (defaults: W1.58A2, Hadamard RobustQuantizer, dynamic per-token).
@@ -63,7 +79,12 @@ class QuantConfig:
         ]:
             if value not in allowed:
                 raise ValueError(f"QuantConfig.{name} must be one of {allowed}, got {value!r}")
-        if not isinstance(self.timestep_groups, int) or self.timestep_groups < 1:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            want, ok = _TYPES[f.type]
+            if not ok(value):
+                raise ValueError(f"QuantConfig.{f.name} must be {want}, got {value!r} ({type(value).__name__})")
+        if self.timestep_groups < 1:
             raise ValueError(f"QuantConfig.timestep_groups must be a positive integer, got {self.timestep_groups!r}")
 
     def patterns(self) -> list[str]:
@@ -75,8 +96,11 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
+        """A QuantConfig from a plain dict (e.g. YAML); unknown keys and wrongly typed values are refused."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a QuantConfig must be given as a mapping of its fields, got {type(d).__name__}: {d!r}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = [k for k in d if k not in known]
         if unknown:
             raise ValueError(f"unknown QuantConfig keys {unknown}; valid keys are {sorted(known)}")
         return cls(**d)

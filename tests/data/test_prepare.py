@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -108,6 +109,26 @@ def test_resume_after_interruption(tmp_path, vae_dir, image_dir, capsys):
 
     with pytest.raises(ValueError, match="other settings"):
         prepare(image_dir, straight, vae=vae_dir, **{**RUN, "seed": 1})
+
+
+def test_a_shard_of_another_vae_with_the_same_config_is_refused(tmp_path, vae_dir, image_dir):
+    """Same config and latent shape, other weights (like sd-vae-ft-ema vs -mse): told apart by the
+    weights' sha256 that prepare records in index.json and in each shard's settings."""
+    other_vae = tmp_path / "other_vae"
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.add_(0.01)
+    vae.save_pretrained(other_vae)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    prepare(image_dir, a, vae=vae_dir, **RUN)
+    prepare(image_dir, b, vae=str(other_vae), **RUN)
+    digest_a, digest_b = (json.load(open(os.path.join(d, "index.json")))["vae_sha256"] for d in (a, b))
+    assert len(digest_a) == 16 and digest_a != digest_b
+    shutil.copy(os.path.join(b, "shard-00001.safetensors"), os.path.join(a, "shard-00001.safetensors"))
+    both = (rf"shard-00001.safetensors holds latents of another VAE, '{other_vae}' \(vae_sha256 {digest_b}\), "
+            rf"than its index.json, '{vae_dir}' \(vae_sha256 {digest_a}\)")
+    with pytest.raises(ValueError, match=both):
+        LatentShardDataset(a)
 
 
 def test_hf_imagefolder(tmp_path, vae_dir, image_dir, monkeypatch):

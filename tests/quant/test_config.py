@@ -78,6 +78,16 @@ def test_non_mapping_yaml_refused(tmp_path):
         ({"act_bits": 2.0}, "act_bits"),
         ({"timestep_groups": 0}, "timestep_groups"),
         ({"timestep_groups": 1.5}, "timestep_groups"),
+        ({"act_bits": True}, "act_bits"),
+        ({"timestep_groups": True}, "timestep_groups"),
+        ({"act_mode": 5}, "act_mode"),
+        ({"act_signed": "no"}, "act_signed must be true or false, got 'no' \\(str\\)"),
+        ({"quantize_final": 1}, "quantize_final must be true or false, got 1 \\(int\\)"),
+        ({"seed": "7"}, "seed must be an integer, got '7' \\(str\\)"),
+        ({"seed": False}, "seed must be an integer, got False \\(bool\\)"),
+        ({"block_size": 64.0}, "block_size must be an integer or null, got 64.0"),
+        ({"include": "transformer_blocks.*"}, "include must be a list of strings"),
+        ({"exclude": ["*.ff.*", 3]}, "exclude must be a list of strings"),
     ],
 )
 def test_invalid_values_refused(kwargs, match):

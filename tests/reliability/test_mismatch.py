@@ -13,7 +13,7 @@ from faultkit import TINY_DIT, fit, write_config
 from safetensors.torch import save_file
 
 from robuq.checkpoint import safe_load
-from robuq.data.latents import LatentShardDataset
+from robuq.data.latents import LatentDataModule, LatentShardDataset
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +126,15 @@ def test_latents_of_another_vae_are_refused(tmp_path, tiny_teacher):
         fit(cfg, tmp_path / "run")
 
 
-@pytest.mark.xfail(strict=True, reason="robuq/data/latents.py does not compare a shard's own settings (its VAE) with "
-                   "index.json: a same-shape shard of another VAE copied into a prepared directory is used; reported")
 def test_a_foreign_shard_in_a_prepared_directory_is_refused(tmp_path):
     a, b = make_latents(tmp_path / "a", vae="vae-a"), make_latents(tmp_path / "b", vae="vae-b")
     shutil.copy(os.path.join(b, "shard-00000.safetensors"), os.path.join(a, "shard-00000.safetensors"))
-    with pytest.raises(ValueError, match="vae-b"):
+    foreign = (rf"shard {os.path.join(a, 'shard-00000.safetensors')} holds latents of another VAE, 'vae-b', "
+               r"than its index.json, 'vae-a'")
+    with pytest.raises(ValueError, match=foreign):
         LatentShardDataset(a, expected_vae="vae-a")
+    with pytest.raises(ValueError, match=foreign):
+        LatentDataModule(a, hflip=False).setup("fit")
 
 
 def test_labels_outside_the_model_classes_are_refused(tmp_path, tiny_teacher):
