@@ -38,15 +38,16 @@ plans)
     runs/ablation_ampn/*/eval 2>/dev/null
   ;;
 adapt)
-  # the search again with ADAPT distillation steps after each width change (both sides of s_l(b) adapted
-  # alike), its budget-2 plan, and QAT with that plan for 3 seeds
+  # the search again with ADAPT distillation steps after each width change, training SCOPE (step: the
+  # changed layer's LSQ step; model: the whole student, reference adapted alike), its budget-2 plan,
+  # and QAT with that plan for 3 seeds
   start=$SECONDS
   python3 -m robuq.ampn.search --config configs/search_fmnist.yaml --warmup_steps ${WARMUP:-500} \
-    --data.init_args.root $DATA --out_dir runs/search_adapt --adapt_steps ${ADAPT:-3} > "$OUT/search_adapt.log" 2>&1
+    --data.init_args.root $DATA --out_dir runs/search_adapt --adapt_steps ${ADAPT:-10} --adapt_scope ${SCOPE:-step} > "$OUT/search_adapt.log" 2>&1
   echo "adapted search rc=$? wall $((SECONDS - start)) s"
-  python3 -m robuq.ampn.replan runs/search_adapt/sensitivity.json --budget 2.0 --out runs/search_adapt/fmnist_ampn_adapt_avg2.yaml
+  python3 -m robuq.ampn.replan runs/search_adapt/sensitivity.json --budget 2.0 --out runs/search_adapt/fmnist_ampn_${SCOPE:-step}adapt_avg2.yaml
   "${ABLATION[@]}" --out runs/ablation_adapt --parallel 3 --seeds ${SEEDS:-0 1 2} \
-    --rows plan:ampn_adapt_avg2=runs/search_adapt/fmnist_ampn_adapt_avg2.yaml 2>&1 | tee "$OUT/ablation_adapt.log"
+    --rows plan:ampn_${SCOPE:-step}adapt_avg2=runs/search_adapt/fmnist_ampn_${SCOPE:-step}adapt_avg2.yaml 2>&1 | tee "$OUT/ablation_adapt.log"
   tar czf "$OUT/adapt.tgz" runs/ablation_adapt/results.json runs/ablation_adapt/*.log runs/ablation_adapt/*/metrics.csv \
     runs/ablation_adapt/*/eval runs/search_adapt/sensitivity.json runs/search_adapt/*.yaml runs/search_adapt/*.png 2>/dev/null
   ;;

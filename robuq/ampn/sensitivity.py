@@ -5,8 +5,10 @@ QAT sensitivity of quantized layer l at width b, on a student QAT-adapted at the
     s_l(b) = L(student, only l at b) - L(student),    L = mean over held-out of (f_S - f_T)^2
 
 where l's step is re-initialised for b and calibrated on one batch, and l is restored afterwards;
-s_l(b0) = 0. With ``adapt`` (a few distillation steps after the change) both terms are adapted
-alike, so the steps' own gain cancels: s_l(b) = L(adapt(only l at b)) - L(adapt(student)). PTQ sensitivity, for comparison,
+s_l(b0) = 0. Optionally a few distillation steps adapt the change before measuring: of l's step
+alone (``search(adapt_scope="step")``: the base widths' steps are already learned, so L(student)
+stays the reference), or of the whole student, in which case the reference is adapted alike so
+the steps' own effect cancels: s_l(b) = L(adapt(only l at b)) - L(adapt(student)). PTQ sensitivity, for comparison,
 on the full-precision teacher with only l's activations quantized (weights kept FP):
 
     p_l(b) = mean over held-out of (Q_b(x R) (W R)^T - x W^T)^2,   computed as Q_b(x R) R^T W^T
@@ -103,10 +105,13 @@ def _clone_state(module: nn.Module) -> dict:
     return {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in module.state_dict().items()}
 
 
+Adapt = Callable[[nn.Module, "list[str] | None"], None]  # (student, changed layers or None: all) -> None
+
+
 def measure_layer(student: nn.Module, name: str, bits: int, batches: list[Batch], calib: Batch,
-                  adapt: Callable[[nn.Module], None] | None = None) -> float:
+                  adapt: Adapt | None = None) -> float:
     """Held-out distillation loss with layer ``name`` at ``bits`` (step re-initialised and calibrated,
-    then ``adapt(student)`` if given); the layer (or, with adapt, the whole student) is restored after."""
+    then ``adapt(student, [name])`` if given); the layer (or, with adapt, the whole student) is restored after."""
     quantizer = quant_layers(student)[name].act.quantizer
     restore = student if adapt is not None else quantizer
     saved = _clone_state(restore)
@@ -114,7 +119,7 @@ def measure_layer(student: nn.Module, name: str, bits: int, batches: list[Batch]
         quantizer.set_bits(bits, reinit=True)
         calibrate(student, calib)
         if adapt is not None:
-            adapt(student)
+            adapt(student, [name])
         return distill_loss(student, batches)
     finally:
         restore.load_state_dict(saved)
@@ -246,15 +251,12 @@ class SensitivityCache:
         write_json(self.path, self.data)
 
 
-def reference_loss(student: nn.Module, batches: list[Batch], cache: SensitivityCache,
-                   adapt: Callable[[nn.Module], None] | None = None) -> float:
-    """The loss s_l(b) is measured against: L(student), or with ``adapt`` L(adapt(student)) (cached)."""
-    if adapt is None:
-        return cache.get("base_loss")
+def adapted_reference(student: nn.Module, batches: list[Batch], cache: SensitivityCache, adapt: Adapt) -> float:
+    """L(adapt(student)) at the base widths, the reference of whole-student adaptation (cached; student restored)."""
     if cache.get("adapted_base_loss") is None:
         saved = _clone_state(student)
         try:
-            adapt(student)
+            adapt(student, None)
             cache.update(adapted_base_loss=distill_loss(student, batches))
         finally:
             student.load_state_dict(saved)
@@ -262,10 +264,10 @@ def reference_loss(student: nn.Module, batches: list[Batch], cache: SensitivityC
 
 
 def qat_sensitivity(student: nn.Module, batches: list[Batch], calib: Batch, candidates: list[int], base: int,
-                    cache: SensitivityCache, adapt: Callable[[nn.Module], None] | None = None,
+                    cache: SensitivityCache, reference: float, adapt: Adapt | None = None,
                     log: Callable[[str], None] = print) -> dict[str, dict[int, float]]:
-    """s_l(b) for every quantized layer and candidate width, resuming from (and extending) ``cache``."""
-    base_loss = reference_loss(student, batches, cache, adapt)
+    """s_l(b) = L(only l at b) - reference for every quantized layer and candidate width, resuming from
+    (and extending) ``cache``."""
     layers = list(quant_layers(student))
     done = cache.qat
     if done:
@@ -273,7 +275,7 @@ def qat_sensitivity(student: nn.Module, batches: list[Batch], calib: Batch, cand
     for i, name in enumerate(layers):
         if name in done:
             continue
-        row = {b: 0.0 if b == base else measure_layer(student, name, b, batches, calib, adapt) - base_loss
+        row = {b: 0.0 if b == base else measure_layer(student, name, b, batches, calib, adapt) - reference
                for b in candidates}
         cache.add_row(name, row)
         log(f"[{i + 1}/{len(layers)}] {name}: " + "  ".join(f"A{b} {s:+.3e}" for b, s in row.items()))

@@ -138,3 +138,15 @@ def test_needs_a_qat_source(teacher_dir, tmp_path):
         search(**settings(teacher_dir, tmp_path, warmup_steps=0))
     with pytest.raises(ValueError, match="must include the base width 2"):
         search(**settings(teacher_dir, tmp_path, candidates=[1, 4]))
+
+
+@pytest.mark.parametrize("scope", ["step", "model"])
+def test_adapted_search_records_its_reference(teacher_dir, tmp_path, scope):
+    summary = search(**settings(teacher_dir, tmp_path, adapt_steps=1, adapt_scope=scope))
+    table, plan = read(tmp_path)
+    assert table["fingerprint"]["adapt"]["scope"] == scope
+    # step scope measures against the unadapted student; model scope against the student adapted alike
+    assert (table["adapted_base_loss"] is None) == (scope == "step")
+    assert plan.extra["search"]["average_bits"] <= 1.5 and "measured_loss_increase" in summary
+    with pytest.raises(ValueError, match="adapt_scope must be one of"):
+        search(**settings(teacher_dir, tmp_path / "bad", adapt_steps=1, adapt_scope="layer"))

@@ -7,13 +7,13 @@ import torch
 from robuq.ampn.search import distill_steps
 from robuq.ampn.sensitivity import (
     SensitivityCache,
+    adapted_reference,
     add_targets,
     calibrate,
     distill_loss,
     layer_macs,
     measure_layer,
     qat_sensitivity,
-    reference_loss,
     stratified_batches,
 )
 from robuq.models import disable_label_dropout, load_dit
@@ -54,7 +54,7 @@ def test_measure_layer_restores_the_student(teacher_dir):
     before = copy.deepcopy(student.state_dict())
     name = "transformer_blocks.0.ff.net.2"
 
-    def adapt(model):
+    def adapt(model, layers):
         distill_steps(model, teacher, iter([(torch.randn(4, 1, 32, 32), torch.arange(4))] * 2), 2, 1e-3, 1e-3, 0.1, 0)
 
     losses = [measure_layer(student, name, 1, held[1:], held[0], a) for a in (None, adapt, None)]
@@ -76,18 +76,35 @@ def test_adapted_sensitivity_is_measured_against_the_equally_adapted_base(teache
     calibrate(student, held[0])
     fixed = [(torch.randn(4, 1, 32, 32), torch.arange(4))] * 3
 
-    def adapt(model):
+    def adapt(model, layers):
         distill_steps(model, teacher, iter(fixed), 3, 1e-3, 1e-3, 0.1, 0)
 
     cache = SensitivityCache(tmp_path / "table.json", {"case": 1})
     cache.update(base_loss=distill_loss(student, held[1:]))
     before = copy.deepcopy(student.state_dict())
-    ref = reference_loss(student, held[1:], cache, adapt)
+    ref = adapted_reference(student, held[1:], cache, adapt)
     adapted = copy.deepcopy(student)
-    adapt(adapted)
-    assert ref == distill_loss(adapted, held[1:]) != cache.get("base_loss")  # the steps' own gain is in the reference
+    adapt(adapted, None)
+    assert ref == distill_loss(adapted, held[1:]) != cache.get("base_loss")  # the adaptation itself is in the reference
     assert all(torch.equal(student.state_dict()[k], v) for k, v in before.items() if torch.is_tensor(v))
-    table = qat_sensitivity(student, held[1:], held[0], [1, 2], 2, cache, adapt, log=lambda _: None)
+    table = qat_sensitivity(student, held[1:], held[0], [1, 2], 2, cache, ref, adapt, log=lambda _: None)
     name = "transformer_blocks.0.ff.net.2"
     assert table[name][2] == 0.0
     assert table[name][1] == measure_layer(student, name, 1, held[1:], held[0], adapt) - ref
+
+
+def test_step_scope_adaptation_trains_only_the_changed_layers_step(teacher_dir):
+    teacher = load_dit(teacher_dir).eval()
+    disable_label_dropout(teacher)
+    student = copy.deepcopy(teacher)
+    quantize_(student)
+    held = stratified_batches(torch.randn(12, 1, 32, 32), torch.arange(12) % 10, 4, 4, 0)
+    calibrate(student, held[0])
+    name = "transformer_blocks.0.ff.net.2"
+    before = copy.deepcopy(student.state_dict())
+    distill_steps(student, teacher, iter([(torch.randn(4, 1, 32, 32), torch.arange(4))] * 3), 3, 1e-3, 1e-2, 0.1, 0,
+                  only_steps_of=[name])
+    after = student.state_dict()
+    changed = {k for k, v in before.items() if torch.is_tensor(v) and not torch.equal(after[k], v)}
+    assert changed == {f"{name}.act.quantizer.step"}
+    assert all(p.grad is None for p in student.parameters())  # no gradients left behind

@@ -111,7 +111,10 @@ def test_fused_qat_matches_reference(autocast, cfg):
     gy = torch.randn_like(yr.float())
     (yr.float() * gy).sum().backward()
     (yf.float() * gy).sum().backward()
-    tol = 3e-2 if autocast else 1e-3
+    if not autocast:  # fp32 compute stays on the reference path
+        assert torch.equal(yf, yr) and torch.equal(xf.grad, xr.grad)
+        return
+    tol = 3e-2
     assert rel(yf, yr) < tol
     assert rel(xf.grad, xr.grad) < tol
     pr, pf = dict(ref.named_parameters()), dict(fus.named_parameters())
