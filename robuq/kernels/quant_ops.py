@@ -38,14 +38,21 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Launch settings, swept on a GPU by benchmarks/quant_sweep.py: persistent programs per SM, and
+# warps per program by token tile size MP * P (default 4 up to 2048 elements, else 8).
+PROGRAMS_PER_SM = 8
+NUM_WARPS: dict[int, int] = {}
+
+
 def _grid(m: int, device: torch.device) -> tuple[int]:
     if tq.INTERPRET or device.type != "cuda":
         return (max(1, min(m, 2)),)
-    return (max(1, min(m, _sm_count(device.index or 0) * 8)),)
+    return (max(1, min(m, _sm_count(device.index or 0) * PROGRAMS_PER_SM)),)
 
 
 def _warps(lay: RotationLayout) -> int:
-    return 4 if lay.MP * lay.P <= 2048 else 8
+    tile = lay.MP * lay.P
+    return NUM_WARPS.get(tile, 4 if tile <= 2048 else 8)
 
 
 # Reload the factors per token (from L1/L2) above this tile size instead of keeping them in
