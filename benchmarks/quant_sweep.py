@@ -1,5 +1,5 @@
 """Launch settings of the fused rotate+quantize kernels at DiT-XL/2 sizes (8192 tokens, K = 1152
-and 4608): warps per program, persistent programs per SM, the factors reloaded per token or kept
+and 4608): warps per program, persistent programs per SM, pipelining stages of the token loop, the factors reloaded per token or kept
 in registers, exact (hi/lo) or fast rotation. GPU time per call from CUDA graphs, against the
 bytes floor (read x bf16, write e4m3 codes; backward: read x and dy, write dx) at the copy rate.
 
@@ -38,29 +38,32 @@ def main():
         signs = torch.ones(k, device="cuda")
         alpha = torch.full((1, 1), 0.5, device="cuda")
         floor_f, floor_b = (m * k * 3) / bw * 1e6, (m * k * 6) / bw * 1e6  # us
-        for warps, per_sm, reload, split in itertools.product((4, 8, 16), (1, 2, 4, 8), (False, True), (True, False)):
-            quant_ops.NUM_WARPS[tile], quant_ops.PROGRAMS_PER_SM = warps, per_sm
+        for warps, per_sm, stages, reload, split in itertools.product(
+                (4, 8, 16), (1, 2, 4, 8), (1, 2), (False, True), (True, False)):
+            quant_ops.NUM_WARPS[tile], quant_ops.PROGRAMS_PER_SM, quant_ops.NUM_STAGES = warps, per_sm, stages
             quant_ops.RELOAD_ABOVE.update(forward=0 if reload else 1 << 30, backward=0 if reload else 1 << 30)
             try:
                 fwd = gbench(lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, split=split)) * 1e3
                 bwd = gbench(lambda: rotate_quantize_backward(x, dy, signs, lay, alpha.reshape(1), 2, True, 1, split=split)) * 1e3
             except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory / registers)
-                print(f"K={k} warps={warps} per_sm={per_sm} reload={reload} split={split}: {type(e).__name__}")
+                print(f"K={k} warps={warps} per_sm={per_sm} stages={stages} reload={reload} split={split}: "
+                      f"{type(e).__name__}")
                 continue
-            rows.append(dict(K=k, warps=warps, programs_per_sm=per_sm, reload=reload, split=split,
+            rows.append(dict(K=k, warps=warps, programs_per_sm=per_sm, stages=stages, reload=reload, split=split,
                              fwd_us=round(fwd, 1), bwd_us=round(bwd, 1), fwd_floor_us=round(floor_f, 1),
                              bwd_floor_us=round(floor_b, 1)))
             print(json.dumps(rows[-1]), flush=True)
     quant_ops.NUM_WARPS.clear()
+    quant_ops.NUM_STAGES = 1
     for k in (1152, 4608):
         for split in (True, False):
             sub = [r for r in rows if r["K"] == k and r["split"] == split]
             if sub:
                 bf, bb = min(sub, key=lambda r: r["fwd_us"]), min(sub, key=lambda r: r["bwd_us"])
                 print(f"best K={k} split={split}: fwd {bf['fwd_us']} us (floor {bf['fwd_floor_us']}) with "
-                      f"warps={bf['warps']} per_sm={bf['programs_per_sm']} reload={bf['reload']}; "
+                      f"warps={bf['warps']} per_sm={bf['programs_per_sm']} stages={bf['stages']} reload={bf['reload']}; "
                       f"bwd {bb['bwd_us']} us (floor {bb['bwd_floor_us']}) with warps={bb['warps']} "
-                      f"per_sm={bb['programs_per_sm']} reload={bb['reload']}")
+                      f"per_sm={bb['programs_per_sm']} stages={bb['stages']} reload={bb['reload']}")
     if args.json:
         json.dump(dict(copy_tb_s=bw / 1e12, rows=rows), open(args.json, "w"), indent=1)
 

@@ -42,6 +42,7 @@ def _sm_count(index: int) -> int:
 # warps per program by token tile size MP * P (default 4 up to 2048 elements, else 8).
 PROGRAMS_PER_SM = 8
 NUM_WARPS: dict[int, int] = {}
+NUM_STAGES = 1  # software-pipelining depth of the per-token loop (1: none)
 
 
 def _grid(m: int, device: torch.device) -> tuple[int]:
@@ -70,7 +71,7 @@ def _common(lay: RotationLayout, bits: int, signed: bool, mode: int, x_dtype: to
         ROWS=lay.rows, MP=lay.MP, P=lay.P, QN=float(qn), QP=float(qp), SIGN1=(signed and bits == 1), MODE=mode,
         ROTATE=lay.kind != "none", HAS_LEFT=lay.has_left, R_FIRST=lay.r_first,
         SPLIT1=(x_dtype == torch.float32 and split), SPLIT2=split, DOT_DT=_dot_dtype(),
-        SQRT_N=float(lay.sqrt_n), EPS=EPS,
+        SQRT_N=float(lay.sqrt_n), EPS=EPS, STAGES=NUM_STAGES,
     )
 
 

@@ -113,7 +113,7 @@ def rotq_fwd_kernel(
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr,
     W_I8: tl.constexpr, W_F8: tl.constexpr, W_OUT: tl.constexpr, OUT_SCALED: tl.constexpr, W_STAT: tl.constexpr,
-    RELOAD: tl.constexpr,
+    RELOAD: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -129,7 +129,7 @@ def rotq_fwd_kernel(
         L = tl.load(LEFT + l_offs)
         R = tl.load(RIGHT + r_offs)
     K: tl.constexpr = ROWS * P
-    for it in range(0, n_iter):
+    for it in tl.range(0, n_iter, num_stages=STAGES):  # STAGES > 1: next token's loads overlap
         t = pid + it * nprog
         ok = t < M
         t = tl.minimum(t, M - 1)  # the last sweep repeats the final token; its writes are masked
@@ -171,7 +171,7 @@ def rotq_bwd_kernel(
     QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr,
     ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
-    SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr,
+    SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr,
 ):
     # B (Sylvester) is symmetric, so the transposed rotation is A dy B: no B^T needed.
     pid = tl.program_id(0)
@@ -189,7 +189,7 @@ def rotq_bwd_kernel(
         R = tl.load(RIGHT + r_offs)
         LT = tl.load(LEFT_T + l_offs)
     K: tl.constexpr = ROWS * P
-    for it in range(0, n_iter):
+    for it in tl.range(0, n_iter, num_stages=STAGES):  # STAGES > 1: next token's loads overlap
         t = pid + it * nprog
         ok = t < M
         t = tl.minimum(t, M - 1)  # the last sweep repeats the final token; its writes are masked
