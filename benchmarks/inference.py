@@ -8,8 +8,10 @@ Prints (and writes as JSON with --json):
   2. per-layer GEMM times at DiT-XL/2 shapes with --tokens rows: bf16 F.linear vs our pieces
      (quantize kernel, cuBLAS fp8 _scaled_mm, packed Triton GEMM) and our whole layer;
      the adaLN modulation shape (1152 -> 6912) at one row per sample;
-  3. whole-model forward (random init): bf16 vs packed, eager and CUDA graph, peak memory,
-     model weight bytes, and the exported file size.
+  3. whole-model forward (random init): bf16 vs packed vs torchao int8 dynamic (where it installs),
+     eager and CUDA graph, peak memory, model weight bytes, and the exported file size;
+  4. 250-step DDPM sampling wall time at batch 8 with CFG through RobuQDiTPipeline, eager and
+     with CUDAGraphDiT, bf16 vs packed.
 Times are medians of ``triton.testing.do_bench`` (CUDA events); ratios are bf16 time / ours.
 """
 
@@ -318,11 +320,17 @@ def forward_bench(res, batches, bits):
     agree = ((got - ref_out).norm() / ref_out.norm()).item()
     res["packed_vs_student_rel_err"] = agree
     print(f"packed bf16 CUDA model vs fp32 fake-quant student, batch 4: rel. error {agree:.2e}")
+    models = [("bf16", bf16), ("ours", packed)]
+    ao = torchao_int8(bf16)
+    res["torchao"] = ao[0] if isinstance(ao, str) else "int8 dynamic activation, int8 weight"
+    if not isinstance(ao, str):
+        models.append(("torchao int8", ao))
+    print(f"torchao: {res['torchao']}")
     rows, out = [], []
     for bs in batches:
         xb, tb, yb = inputs(bs, torch.bfloat16)
         entry = dict(batch=bs)
-        for name, model in (("bf16", bf16), ("ours", packed)):
+        for name, model in models:
             with torch.no_grad():
                 model(xb, timestep=tb, class_labels=yb)
                 torch.cuda.synchronize()
@@ -338,12 +346,74 @@ def forward_bench(res, batches, bits):
                      "n/a" if entry["ours"]["graph_ms"] is None else f"{entry['ours']['graph_ms']:.2f}",
                      "n/a" if None in (entry["bf16"]["graph_ms"], entry["ours"]["graph_ms"])
                      else f"{entry['bf16']['graph_ms'] / entry['ours']['graph_ms']:.2f}x",
-                     f"{entry['bf16']['peak_bytes'] / 2**30:.2f}", f"{entry['ours']['peak_bytes'] / 2**30:.2f}"])
+                     f"{entry['bf16']['peak_bytes'] / 2**30:.2f}", f"{entry['ours']['peak_bytes'] / 2**30:.2f}"]
+                    + ([f"{entry['torchao int8']['eager_ms']:.2f}", graph_cell(entry["torchao int8"]["graph_ms"])]
+                       if "torchao int8" in entry else ["n/a", "n/a"]))
         out.append(entry)
     res["forward"] = out
-    table(f"DiT-XL/2 forward (ms, median), bf16 vs packed W1.58A{bits}",
-          ["batch", "bf16 eager", "ours eager", "ratio", "bf16 graph", "ours graph", "ratio", "bf16 peak GiB", "ours peak GiB"], rows)
+    table(f"DiT-XL/2 forward (ms, median), bf16 vs packed W1.58A{bits} (vs torchao int8 dynamic)",
+          ["batch", "bf16 eager", "ours eager", "ratio", "bf16 graph", "ours graph", "ratio", "bf16 peak GiB", "ours peak GiB",
+           "torchao eager", "torchao graph"], rows)
+    try:
+        sampling_bench(res, bf16, packed)
+    except Exception as e:  # noqa: BLE001  (keep the tables above in the JSON)
+        res["sampling"] = f"failed: {type(e).__name__}: {e}"
+        print(f"sampling benchmark failed: {type(e).__name__}: {e}")
     del bf16, teacher
+
+
+def graph_cell(ms):
+    return "n/a" if ms is None else f"{ms:.2f}"
+
+
+def torchao_int8(bf16):
+    """A copy of the bf16 model under torchao's int8 dynamic-activation / int8-weight config (every
+    nn.Linear), or a one-item tuple with the reason it is unavailable."""
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+        from torchao.quantization import quantize_ as ao_quantize_
+
+        model = copy.deepcopy(bf16)
+        ao_quantize_(model, Int8DynamicActivationInt8WeightConfig())
+        xb, tb, yb = inputs(2, torch.bfloat16)
+        with torch.no_grad():
+            model(xb, timestep=tb, class_labels=yb)
+        return model
+    except Exception as e:  # noqa: BLE001  (not installed, or built for another torch)
+        return (f"unavailable: {type(e).__name__}: {str(e)[:160]}",)
+
+
+def sampling_bench(res, bf16, packed, batch=8, steps=250, cfg=4.0):
+    """Wall time of ``steps``-step DDPM sampling with CFG (model batch 2 x ``batch``) through
+    RobuQDiTPipeline, eager and with CUDAGraphDiT; bf16 and ours through the same loop."""
+    from robuq.deploy import CUDAGraphDiT, RobuQDiTPipeline
+    from robuq.evaluation.sampling import make_scheduler
+
+    labels = list(range(batch))
+    rows, out = [], {}
+    for name, model in (("bf16", bf16), ("ours", packed)):
+        for mode in ("eager", "graph"):
+            pipe = RobuQDiTPipeline(CUDAGraphDiT(model) if mode == "graph" else model, make_scheduler("ddpm", True))
+            run = lambda n: pipe(labels, guidance_scale=cfg, num_inference_steps=n, output_type="pt",  # noqa: E731
+                                 generator=torch.Generator(DEV).manual_seed(0)).images
+            run(2)  # compile / capture
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            images = run(steps)
+            torch.cuda.synchronize()
+            out[f"{name}_{mode}_s"] = time.perf_counter() - t0
+            out[f"{name}_{mode}_images"] = images
+        diff = (out[f"{name}_graph_images"] - out[f"{name}_eager_images"]).abs().max().item()
+        out[f"{name}_graph_vs_eager_max_abs"] = diff
+        rows.append([name, f"{out[f'{name}_eager_s']:.2f}", f"{out[f'{name}_graph_s']:.2f}", f"{diff:.1e}"])
+    for name in ("bf16", "ours"):
+        for mode in ("eager", "graph"):
+            del out[f"{name}_{mode}_images"]
+    res["sampling"] = dict(batch=batch, steps=steps, cfg=cfg, scheduler="ddpm", **out)
+    rows.append(["bf16 / ours", f"{out['bf16_eager_s'] / out['ours_eager_s']:.2f}x",
+                 f"{out['bf16_graph_s'] / out['ours_graph_s']:.2f}x", ""])
+    table(f"{steps}-step DDPM sampling, batch {batch}, CFG {cfg} (wall s, RobuQDiTPipeline)",
+          ["model", "eager", "CUDA graph", "graph vs eager max |diff|"], rows)
 
 
 def main():

@@ -89,10 +89,6 @@ def iter_samples(
     labels = torch.as_tensor(labels, dtype=torch.long).cpu()
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
-    channels = sample_shape[0]
-    out_channels = 2 * channels if learned_sigma else channels
-    keep_v = learned_sigma and scheduler == "ddpm"
-    guided = cfg_scale != 1.0
     noise_scheduler = make_scheduler(scheduler, learned_sigma)
     num_batches = -(-len(labels) // batch_size)
 
@@ -102,26 +98,41 @@ def iter_samples(
             y = labels[start : start + batch_size].to(device)
             generators = [sample_generator(seed, i) for i in range(start, start + len(y))]
             x = torch.cat([torch.randn(1, *sample_shape, generator=g) for g in generators]).to(device)
-            y_in = torch.cat([y, torch.full_like(y, num_classes)]) if guided else y
-            noise_scheduler.set_timesteps(steps, device=device)  # also resets multistep solver state
-            for t in noise_scheduler.timesteps:
-                x_in = noise_scheduler.scale_model_input(x, t)
-                x_in = torch.cat([x_in, x_in]) if guided else x_in
-                with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
-                    out = model(x_in, timestep=t.expand(len(x_in)), class_labels=y_in).sample.float()
-                if out.shape[1] != out_channels:
-                    raise ValueError(
-                        f"model returned {out.shape[1]} channels, expected {out_channels} "
-                        f"(in_channels {channels}, learned_sigma {learned_sigma})"
-                    )
-                eps, v = out[:, :channels], out[:, channels:]
-                if guided:
-                    eps_cond, eps_uncond = eps.chunk(2)
-                    eps, v = eps_uncond + cfg_scale * (eps_cond - eps_uncond), v[: len(y)]
-                model_output = torch.cat([eps, v], dim=1) if keep_v else eps
-                x = noise_scheduler.step(model_output, t, x, generator=generators).prev_sample
-                bar.advance(task)
-            yield x
+            yield denoise(model, noise_scheduler, x, y, steps=steps, cfg_scale=cfg_scale, num_classes=num_classes,
+                          learned_sigma=learned_sigma, dtype=dtype, generator=generators,
+                          on_step=lambda: bar.advance(task))
+
+
+@torch.no_grad()
+def denoise(model, scheduler, x: torch.Tensor, y: torch.Tensor, *, steps: int, cfg_scale: float, num_classes: int,
+            learned_sigma: bool, dtype: torch.dtype = torch.float32, generator=None, on_step=None) -> torch.Tensor:
+    """x_T [B, C, H, W] -> x_0 through ``steps`` steps of a diffusers ``scheduler`` with CFG (module
+    docstring); ``generator`` (one, or one per sample) feeds the scheduler's stochastic steps."""
+    channels = x.shape[1]
+    out_channels = 2 * channels if learned_sigma else channels
+    keep_v = learned_sigma and getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
+    guided = cfg_scale != 1.0
+    y_in = torch.cat([y, torch.full_like(y, num_classes)]) if guided else y
+    scheduler.set_timesteps(steps, device=x.device)  # also resets multistep solver state
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        x_in = torch.cat([x_in, x_in]) if guided else x_in
+        with torch.autocast(x.device.type, dtype, enabled=dtype != torch.float32):
+            out = model(x_in, timestep=t.expand(len(x_in)), class_labels=y_in).sample.float()
+        if out.shape[1] != out_channels:
+            raise ValueError(
+                f"model returned {out.shape[1]} channels, expected {out_channels} "
+                f"(in_channels {channels}, learned_sigma {learned_sigma})"
+            )
+        eps, v = out[:, :channels], out[:, channels:]
+        if guided:
+            eps_cond, eps_uncond = eps.chunk(2)
+            eps, v = eps_uncond + cfg_scale * (eps_cond - eps_uncond), v[: len(y)]
+        model_output = torch.cat([eps, v], dim=1) if keep_v else eps
+        x = scheduler.step(model_output, t, x, generator=generator).prev_sample
+        if on_step is not None:
+            on_step()
+    return x
 
 
 def sample(model, labels: Sequence[int] | torch.Tensor, **kwargs) -> torch.Tensor:
