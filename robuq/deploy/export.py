@@ -7,8 +7,11 @@
     signs), ``<name>.bias``; every other tensor of the model (the full-precision layers) as is
     (or cast to ``dtype``);
   * ``robuq_export.json``: format version, packing layout, the DiT class and constructor config,
-    and per quantized layer its shape, activation bits/signedness/mode/statistic/timestep groups
-    and rotation.
+    per quantized layer its shape, activation bits/signedness/mode/statistic/timestep groups
+    and rotation, and ``aliases``: full-precision tensors stored once because another tensor has
+    the same values (diffusers' DiT keeps a copy of the timestep and class embedders in each of
+    its 28 blocks; converted DiT-XL/2 weights make them identical). ``load_exported`` ties each
+    alias to its original, so they share memory on the device too.
 
 ``load_exported(dir)`` rebuilds the DiT with ``PackedTernaryLinear`` in place of each
 ``QuantLinear``; on CPU it computes the student's integers in pure torch, on CUDA it uses the
@@ -17,6 +20,7 @@ fused Triton quantizer and fp8 GEMMs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from .pack import PACK_LAYOUT
 FORMAT = "robuq-packed-v1"
 CONFIG_NAME = "robuq_export.json"
 WEIGHTS_NAME = "model.safetensors"
+ALIAS_MIN_NUMEL = 1024  # smaller identical tensors (biases, norms) are stored as they are
 
 
 def _dit_config(model: nn.Module) -> dict:
@@ -65,13 +70,20 @@ def export(student: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = 
         raise ValueError("export: the model has no QuantLinear layers (quantize it with robuq.quant.quantize_)")
     packed = pack_model(copy.deepcopy(student))
     layers = {n: _layer_meta(packed.get_submodule(n)) for n in names}
-    tensors = {}
+    tensors, aliases, seen = {}, {}, {}
     for k, v in packed.state_dict().items():
         v = v.detach()
         owner = k.rpartition(".")[0]
         if owner not in layers and dtype is not None and v.is_floating_point():
             v = v.to(dtype)
-        tensors[k] = v.cpu().contiguous().clone()
+        v = v.cpu().contiguous().clone()
+        if owner not in layers and v.numel() >= ALIAS_MIN_NUMEL:
+            key = (str(v.dtype), tuple(v.shape), hashlib.sha256(v.view(torch.uint8).numpy().tobytes()).hexdigest())
+            first = seen.setdefault(key, k)
+            if first != k and torch.equal(tensors[first], v):
+                aliases[k] = first
+                continue
+        tensors[k] = v
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": FORMAT})
     groups = max((meta["groups"] for meta in layers.values()), default=1)
     config = {
@@ -82,6 +94,7 @@ def export(student: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = 
         "model_config": _dit_config(student),
         "timestep_groups": groups,
         "layers": layers,
+        "aliases": aliases,
     }
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=1))
     return out
@@ -118,13 +131,17 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
             owner = model.get_submodule(parent) if parent else model
             setattr(owner, child, PackedTernaryLinear(**meta))
     state = load_file(str(path / WEIGHTS_NAME), device=str(device))
+    aliases = config.get("aliases", {})
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    missing = [k for k in missing if k not in aliases]
+    if missing or unexpected or any(v not in state for v in aliases.values()):
         raise ValueError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     if dtype is not None:
         for m in model.modules():
             if not isinstance(m, PackedTernaryLinear):
                 m._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+    for name, original in aliases.items():
+        _tie(model, name, original)
     if config.get("timestep_groups", 1) > 1:
         from robuq.quant.convert import _set_groups_from_timestep
 
@@ -132,11 +149,24 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     return model.eval()
 
 
+def _tie(model: nn.Module, name: str, original: str) -> None:
+    """Make parameter/buffer ``name`` the very tensor ``original`` (one copy in memory)."""
+    owner, _, leaf = name.rpartition(".")
+    src_owner, _, src_leaf = original.rpartition(".")
+    module, src = model.get_submodule(owner), model.get_submodule(src_owner)
+    if src_leaf in src._parameters:
+        setattr(module, leaf, src._parameters[src_leaf])
+    else:
+        module._buffers[leaf] = src._buffers[src_leaf]
+
+
 def weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of parameters + persistent buffers: packed layers vs everything else."""
+    """Bytes of parameters + persistent buffers (tied tensors counted once): packed layers vs the rest."""
     packed = other = 0
+    counted = set()
     for m in model.modules():
         tensors = list(m.parameters(recurse=False)) + [b for b in m.buffers(recurse=False) if b is not None]
+        tensors = [t for t in tensors if t.data_ptr() not in counted and not counted.add(t.data_ptr())]
         n = sum(t.numel() * t.element_size() for t in tensors)
         if isinstance(m, PackedTernaryLinear):
             packed += n

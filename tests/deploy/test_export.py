@@ -151,3 +151,24 @@ def test_evaluate_loads_an_exported_directory(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x, timestep=t, class_labels=y).sample,
                                    student(x, timestep=t, class_labels=y).sample, rtol=1e-3, atol=1e-3)
+
+
+def test_identical_embedders_are_stored_once_and_tied(tmp_path):
+    student = tiny_student(act_bits=4)
+    blocks = student.transformer_blocks
+    blocks[1].norm1.emb.load_state_dict(blocks[0].norm1.emb.state_dict())  # as in converted DiT-XL/2 weights
+    init_and_eval(student)
+    export(student, tmp_path / "tied")
+    aliases = json.loads((tmp_path / "tied" / "robuq_export.json").read_text())["aliases"]
+    assert aliases and all(k.startswith("transformer_blocks.1.norm1.emb.") for k in aliases)
+    assert all(v == k.replace("blocks.1.", "blocks.0.") for k, v in aliases.items())
+    model = load_exported(tmp_path / "tied", dtype=torch.bfloat16)
+    emb0, emb1 = (model.transformer_blocks[i].norm1.emb.class_embedder.embedding_table.weight for i in (0, 1))
+    assert emb0 is emb1 and emb0.dtype == torch.bfloat16
+    x, t, y = batch()
+    model = load_exported(tmp_path / "tied")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, timestep=t, class_labels=y).sample,
+                                   student(x, timestep=t, class_labels=y).sample, rtol=1e-3, atol=1e-3)
+    untied = weight_bytes(pack_model(student))["total"]
+    assert weight_bytes(model)["total"] < untied
