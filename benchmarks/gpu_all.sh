@@ -2,6 +2,7 @@
 # All GPU checks and benchmarks of robuq's kernels in one call (run from the repository root):
 #   bash benchmarks/gpu_all.sh                # stages: tests inference qat
 #   STAGES="qat_compile" bash benchmarks/gpu_all.sh
+#   STAGES="sweep" bash benchmarks/gpu_all.sh   # launch settings of the rotate+quantize kernels
 # Logs and JSON go to $OUT (the device tool's output folder) or ./out. Needs a CUDA GPU, torch,
 # triton; diffusers is installed from wheels/*.whl when the machine lacks it.
 set -o pipefail
@@ -33,6 +34,8 @@ for stage in $STAGES; do
             timeout "$STAGE_TIMEOUT" python3 benchmarks/inference.py --json "$OUT/inference.json" ${INFER_ARGS:-} 2>&1 | tee "$OUT/inference.log" || rc=1 ;;
         qat)
             timeout "$STAGE_TIMEOUT" python3 benchmarks/qat_step.py --json "$OUT/qat.json" ${QAT_ARGS:-} 2>&1 | tee "$OUT/qat.log" || rc=1 ;;
+        sweep)
+            timeout "$STAGE_TIMEOUT" python3 benchmarks/quant_sweep.py --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" || rc=1 ;;
         qat_compile)
             timeout "$STAGE_TIMEOUT" python3 benchmarks/qat_step.py --no-kernels --compile-only --rows ${COMPILE_ROWS:-a c} --json "$OUT/qat_compile.json" 2>&1 | tee "$OUT/qat_compile.log" || rc=1 ;;
         *) echo "unknown stage $stage"; rc=1 ;;

@@ -3,7 +3,7 @@ and 4608): warps per program, persistent programs per SM, pipelining stages of t
 in registers, exact (hi/lo) or fast rotation. GPU time per call from CUDA graphs, against the
 bytes floor (read x bf16, write e4m3 codes; backward: read x and dy, write dx) at the copy rate.
 
-    python benchmarks/quant_sweep.py [--json out.json]
+    python benchmarks/quant_sweep.py [--json out.json] [--reload]
 """
 
 import argparse
@@ -22,6 +22,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--reload", action="store_true", help="also try reloading the factors per token")
     args = ap.parse_args()
     m = args.tokens
     x = torch.empty(m, 8192, device="cuda", dtype=torch.bfloat16)
@@ -38,8 +39,9 @@ def main():
         signs = torch.ones(k, device="cuda")
         alpha = torch.full((1, 1), 0.5, device="cuda")
         floor_f, floor_b = (m * k * 3) / bw * 1e6, (m * k * 6) / bw * 1e6  # us
+        warp_set = (4, 8) if tile <= 2048 else (8, 16)
         for warps, per_sm, stages, reload, split in itertools.product(
-                (4, 8, 16), (1, 2, 4, 8), (1, 2), (False, True), (True, False)):
+                warp_set, (1, 2, 4, 8), (1, 2), (False, True) if args.reload else (False,), (True, False)):
             quant_ops.NUM_WARPS[tile], quant_ops.PROGRAMS_PER_SM, quant_ops.NUM_STAGES = warps, per_sm, stages
             quant_ops.RELOAD_ABOVE.update(forward=0 if reload else 1 << 30, backward=0 if reload else 1 << 30)
             try:
