@@ -46,3 +46,19 @@ def test_pipeline_output_types_and_errors(exported):
         pipe.get_label_ids("sandal")
     with pytest.raises(ValueError, match="unknown scheduler"):
         RobuQDiTPipeline.from_exported(path, scheduler="euler")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_dit_replays_the_eager_model(exported):
+    from robuq.deploy import CUDAGraphDiT
+
+    path, _ = exported
+    pipe = RobuQDiTPipeline.from_exported(path, scheduler="ddpm", device="cuda", dtype=torch.bfloat16)
+    graphed = RobuQDiTPipeline(CUDAGraphDiT(pipe.transformer), pipe.scheduler)
+    kw = dict(guidance_scale=2.0, num_inference_steps=5, output_type="pt")
+    eager = pipe([1, 2, 3], generator=torch.Generator("cuda").manual_seed(0), **kw).images
+    replay = graphed([1, 2, 3], generator=torch.Generator("cuda").manual_seed(0), **kw).images
+    torch.testing.assert_close(replay, eager, rtol=0, atol=1e-2)
+    assert len(graphed.transformer.graphs) == 1  # one shape: captured once, replayed 5 times
+    with pytest.raises(ValueError, match="CUDA inputs"):
+        graphed.transformer(torch.zeros(1, 1, 32, 32), torch.zeros(1), torch.zeros(1, dtype=torch.long))
