@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from benchmarks.timing import gbench  # noqa: E402
 from robuq.deploy import PackedTernaryLinear, export, load_exported, weight_bytes  # noqa: E402
 from robuq.kernels.gemm import PACKED_CONFIGS, packed_gemm, scaled_mm_rowwise  # noqa: E402
 from robuq.deploy.pack import pack_ternary  # noqa: E402
@@ -47,35 +48,6 @@ XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_chan
 
 def bench(fn, rep=200) -> float:
     return do_bench(fn, warmup=25, rep=rep, return_mode="median")
-
-
-def gbench(fn, calls=10, replays=20) -> float:
-    """GPU time per call (ms): ``calls`` calls captured in one CUDA graph, median of ``replays``
-    replays. No launch overhead, inputs warm in L2 where they fit (50 MB on an H100)."""
-    fn()  # warm up / compile / settle lazy state outside the capture
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / calls)
-    del g
-    times.sort()
-    return times[len(times) // 2]
 
 
 def host_overhead(fn, n=300) -> float:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import gbench  # noqa: E402
 from robuq.quant import QuantConfig, quantize_  # noqa: E402
 
 DEV = "cuda"
@@ -110,31 +111,6 @@ def run_row(name, model, teacher, bs, steps, compiled):
 def cleanup():
     gc.collect()
     torch.cuda.empty_cache()
-
-
-def gbench(fn, calls=10, replays=20) -> float:
-    """GPU ms per call from a CUDA graph of ``calls`` calls (median of ``replays``): no launch overhead."""
-    fn()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / calls)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def kernel_bench(bits, tokens=8192):

@@ -9,13 +9,17 @@ bytes floor (read x bf16, write e4m3 codes; backward: read x and dy, write dx) a
 import argparse
 import itertools
 import json
+import sys
+from pathlib import Path
 
 import torch
 
-from benchmarks.inference import gbench
-from robuq.kernels import quant_ops
-from robuq.kernels.quant_ops import rotate_quantize, rotate_quantize_backward
-from robuq.kernels.rotation import rotation_layout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.timing import gbench  # noqa: E402
+from robuq.kernels import quant_ops  # noqa: E402
+from robuq.kernels.quant_ops import rotate_quantize, rotate_quantize_backward  # noqa: E402
+from robuq.kernels.rotation import rotation_layout  # noqa: E402
 
 
 def main():
