@@ -305,8 +305,8 @@ def forward_bench(res, batches, bits):
     print(f"packed bf16 CUDA model vs fp32 fake-quant student, batch 4: rel. error {agree:.2e}")
     models = [("bf16", bf16), ("ours", packed)]
     ao = torchao_int8(bf16)
-    res["torchao"] = ao[0] if isinstance(ao, str) else "int8 dynamic activation, int8 weight"
-    if not isinstance(ao, str):
+    res["torchao"] = ao[0] if isinstance(ao, tuple) else "int8 dynamic activation, int8 weight"
+    if not isinstance(ao, tuple):
         models.append(("torchao int8", ao))
     print(f"torchao: {res['torchao']}")
     rows, out = [], []

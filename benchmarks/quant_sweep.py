@@ -46,7 +46,8 @@ def main():
         warp_set = (4, 8) if tile <= 2048 else (8, 16)
         for warps, per_sm, stages, reload, split in itertools.product(
                 warp_set, (1, 2, 4, 8), (1, 2), (False, True) if args.reload else (False,), (True, False)):
-            quant_ops.NUM_WARPS[tile], quant_ops.PROGRAMS_PER_SM, quant_ops.NUM_STAGES = warps, per_sm, stages
+            quant_ops.NUM_WARPS[tile], quant_ops.PROGRAMS_PER_SM = warps, per_sm
+            quant_ops.NUM_STAGES.update(forward=stages, backward=stages)
             quant_ops.RELOAD_ABOVE.update(forward=0 if reload else 1 << 30, backward=0 if reload else 1 << 30)
             try:
                 fwd = gbench(lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, split=split)) * 1e3
@@ -60,7 +61,7 @@ def main():
                              bwd_floor_us=round(floor_b, 1)))
             print(json.dumps(rows[-1]), flush=True)
     quant_ops.NUM_WARPS.clear()
-    quant_ops.NUM_STAGES = 1
+    quant_ops.NUM_STAGES.update(forward=1, backward=2)
     for k in (1152, 4608):
         for split in (True, False):
             sub = [r for r in rows if r["K"] == k and r["split"] == split]

@@ -38,11 +38,13 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-# Launch settings, swept on a GPU by benchmarks/quant_sweep.py: persistent programs per SM, and
-# warps per program by token tile size MP * P (default 4 up to 2048 elements, else 8).
+# Launch settings, swept on an H100 by benchmarks/quant_sweep.py (docs/PERFORMANCE.md): persistent
+# programs per SM; warps per program by token tile size MP * P (4 up to 2048 elements, else 8: 16
+# was 2-4x slower); software-pipelining depth of the per-token loop, which pays off in the backward
+# only (K = 1152: 95 -> 70 us; the K = 4608 kernels moved < 5% with any setting).
 PROGRAMS_PER_SM = 8
 NUM_WARPS: dict[int, int] = {}
-NUM_STAGES = 1  # software-pipelining depth of the per-token loop (1: none)
+NUM_STAGES = {"forward": 1, "backward": 2}
 
 
 def _grid(m: int, device: torch.device) -> tuple[int]:
@@ -71,7 +73,7 @@ def _common(lay: RotationLayout, bits: int, signed: bool, mode: int, x_dtype: to
         ROWS=lay.rows, MP=lay.MP, P=lay.P, QN=float(qn), QP=float(qp), SIGN1=(signed and bits == 1), MODE=mode,
         ROTATE=lay.kind != "none", HAS_LEFT=lay.has_left, R_FIRST=lay.r_first,
         SPLIT1=(x_dtype == torch.float32 and split), SPLIT2=split, DOT_DT=_dot_dtype(),
-        SQRT_N=float(lay.sqrt_n), EPS=EPS, STAGES=NUM_STAGES,
+        SQRT_N=float(lay.sqrt_n), EPS=EPS,
     )
 
 
@@ -114,7 +116,7 @@ def rotate_quantize(
         tq.rotq_fwd_kernel[grid](
             x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st,
             m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
-            G=g, RELOAD=_reload(lay, backward=False), W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
+            G=g, RELOAD=_reload(lay, backward=False), STAGES=NUM_STAGES["forward"], W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
             num_warps=_warps(lay), **_common(lay, bits, signed, mode, x.dtype, split),
         )
     if want_i8:
@@ -155,6 +157,6 @@ def rotate_quantize_backward(
         tq.rotq_bwd_kernel[grid](
             x, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
             m, triton_cdiv(m, grid[0]), x.stride(0), grad.stride(0), 1 if alpha.numel() > 1 else 0,
-            num_warps=_warps(lay), RELOAD=_reload(lay, backward=True), **_common(lay, bits, signed, mode, x.dtype, split),
+            num_warps=_warps(lay), RELOAD=_reload(lay, backward=True), STAGES=NUM_STAGES["backward"], **_common(lay, bits, signed, mode, x.dtype, split),
         )
     return dx, ga

@@ -95,31 +95,44 @@ def test_packed_gemm_exact(m, k, n, adt):
     torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("k,n", [(1152, 4608), (4608, 1152)])
 @pytest.mark.parametrize("cfg", [dict(act_bits=2), dict(act_bits=4, act_stat="absmax"), dict(act_bits=3, act_mode="static")])
-def test_fused_qat_matches_reference(autocast, cfg):
+def test_fused_qat_matches_reference(cfg, k, n):
+    """The fused layer under bf16 autocast against the reference layer in fp32 on the same bf16
+    input. (Against the reference under autocast the comparison would be dominated by the
+    reference's own bf16 rotation: at A2 it flips ~1% of codes, a ~10% output difference.)"""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(1152, 4608), torch.nn.GELU(), torch.nn.Linear(4608, 1152)).to(DEV)
-    quantize_(net, QuantConfig(include=["0", "2"], **cfg))
-    x = torch.randn(4, 64, 1152, device=DEV)
-    net(x)
+    net = torch.nn.Sequential(torch.nn.Linear(k, n)).to(DEV)
+    quantize_(net, QuantConfig(include=["0"], **cfg))
+    x = torch.randn(4, 64, k, device=DEV).bfloat16()
+    net(x.float())
     ref, fus = copy.deepcopy(net), copy.deepcopy(net)
     assert all(use_fused_kernels(fus).values())
-    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        yr, yf = ref(xr), fus(xf)
-    gy = torch.randn_like(yr.float())
-    (yr.float() * gy).sum().backward()
-    (yf.float() * gy).sum().backward()
-    if not autocast:  # fp32 compute stays on the reference path
-        assert torch.equal(yf, yr) and torch.equal(xf.grad, xr.grad)
-        return
-    tol = 3e-2
+    xr, xf = x.float().requires_grad_(), x.clone().requires_grad_()
+    yr = ref(xr)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        yf = fus(xf)
+    assert yf.dtype == torch.bfloat16
+    gy = torch.randn_like(yr).bfloat16()
+    (yr * gy.float()).sum().backward()
+    (yf.float() * gy.float()).sum().backward()
+    tol = 2e-2  # bf16 GEMM operands and outputs
     assert rel(yf, yr) < tol
     assert rel(xf.grad, xr.grad) < tol
     pr, pf = dict(ref.named_parameters()), dict(fus.named_parameters())
     for name in pr:
         assert rel(pf[name].grad, pr[name].grad) < tol, name
+
+
+def test_fused_qat_fp32_stays_on_the_reference_path():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1152, 1152)).to(DEV)
+    quantize_(net, QuantConfig(include=["0"], act_bits=2))
+    x = torch.randn(2, 64, 1152, device=DEV)
+    net(x)
+    ref, fus = copy.deepcopy(net), copy.deepcopy(net)
+    use_fused_kernels(fus)
+    assert torch.equal(fus(x), ref(x))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
