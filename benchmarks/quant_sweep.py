@@ -61,7 +61,7 @@ def main():
                              bwd_floor_us=round(floor_b, 1)))
             print(json.dumps(rows[-1]), flush=True)
     quant_ops.NUM_WARPS.clear()
-    quant_ops.NUM_STAGES.update(forward=1, backward=2)
+    quant_ops.NUM_STAGES.update(forward=1, backward=1)
     for k in (1152, 4608):
         for split in (True, False):
             sub = [r for r in rows if r["K"] == k and r["split"] == split]

@@ -40,11 +40,12 @@ def _sm_count(index: int) -> int:
 
 # Launch settings, swept on an H100 by benchmarks/quant_sweep.py (docs/PERFORMANCE.md): persistent
 # programs per SM; warps per program by token tile size MP * P (4 up to 2048 elements, else 8: 16
-# was 2-4x slower); software-pipelining depth of the per-token loop, which pays off in the backward
-# only (K = 1152: 95 -> 70 us; the K = 4608 kernels moved < 5% with any setting).
+# was 2-4x slower); software-pipelining depth of the per-token loop. Two stages sped the K = 1152
+# backward up (95 -> 70 us at 8192 tokens) but a 256-token fused-QAT test then hit an illegal
+# memory access on the H100, so pipelining stays off (the K = 4608 kernels moved < 5% with any setting).
 PROGRAMS_PER_SM = 8
 NUM_WARPS: dict[int, int] = {}
-NUM_STAGES = {"forward": 1, "backward": 2}
+NUM_STAGES = {"forward": 1, "backward": 1}
 
 
 def _grid(m: int, device: torch.device) -> tuple[int]:
