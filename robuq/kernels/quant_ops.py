@@ -54,6 +54,16 @@ def _grid(m: int, device: torch.device) -> tuple[int]:
     return (max(1, min(m, _sm_count(device.index or 0) * PROGRAMS_PER_SM)),)
 
 
+# Forward column-chunk width by tile size (the whole P when absent): see triton_quant's docstring.
+CHUNK_COLS: dict[int, int] = {8192: 32}
+
+
+def _chunk(lay: RotationLayout, mode: int) -> int:
+    cw = CHUNK_COLS.get(lay.MP * lay.P, lay.P)
+    chunkable = lay.kind != "none" and (lay.r_first or not lay.has_left) and mode != MODE_IDS["absmax"]
+    return cw if chunkable and cw < lay.P else lay.P
+
+
 def _warps(lay: RotationLayout) -> int:
     tile = lay.MP * lay.P
     return NUM_WARPS.get(tile, 4 if tile <= 2048 else 8)
@@ -117,7 +127,8 @@ def rotate_quantize(
         tq.rotq_fwd_kernel[grid](
             x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st,
             m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
-            G=g, RELOAD=_reload(lay, backward=False), STAGES=NUM_STAGES["forward"], W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
+            G=g, RELOAD=_reload(lay, backward=False), STAGES=NUM_STAGES["forward"], CW=_chunk(lay, mode),
+            W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
             num_warps=_warps(lay), **_common(lay, bits, signed, mode, x.dtype, split),
         )
     if want_i8:
