@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--json", default=None)
     ap.add_argument("--reload", action="store_true", help="also try reloading the factors per token")
+    ap.add_argument("--dims", type=int, nargs="+", default=[1152, 4608])
     args = ap.parse_args()
     m = args.tokens
     x = torch.empty(m, 8192, device="cuda", dtype=torch.bfloat16)
@@ -36,7 +37,7 @@ def main():
     print(f"GPU {torch.cuda.get_device_name()} | copy {bw / 1e12:.2f} TB/s")
     rows = []
     chunks_default = dict(quant_ops.CHUNK_COLS)
-    for k in (1152, 4608):
+    for k in args.dims:
         lay = rotation_layout(k, "kronecker", None)
         tile = lay.MP * lay.P
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -68,7 +69,7 @@ def main():
     quant_ops.NUM_WARPS.clear()
     quant_ops.CHUNK_COLS.clear()
     quant_ops.CHUNK_COLS.update(chunks_default)
-    for k in (1152, 4608):
+    for k in args.dims:
         for split in (True, False):
             sub = [r for r in rows if r["K"] == k and r["split"] == split]
             if sub:

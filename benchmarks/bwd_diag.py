@@ -1,0 +1,73 @@
+"""Diagnose the fused rotate+quantize backward kernel on a GPU: finite, deterministic, and equal to a
+float64 torch reference? One process per setting (CUDA_LAUNCH_BLOCKING=1: a fault poisons its process).
+
+    python benchmarks/bwd_diag.py            # every setting, one JSON line each
+    python benchmarks/bwd_diag.py K STAGES PROGRAMS_PER_SM M    # one setting (STAGES 0: the kernel default)
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from robuq.kernels import quant_ops  # noqa: E402
+from robuq.kernels.quant_ops import rotate_quantize_backward  # noqa: E402
+from robuq.kernels.rotation import _factors_cpu, reference_rotate, rotation_layout  # noqa: E402
+
+
+def reference(x, dy, signs, k, alpha, bits=2):
+    """(dx, dL/dalpha per token) of the LSQ straight-through backward (triton_quant's docstring), float64."""
+    lay = rotation_layout(k, "kronecker", None)
+    y = reference_rotate(x.double(), signs.double(), k, "kronecker", None)
+    qn, qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    st_raw = y.pow(2).mean(-1, keepdim=True).sqrt()
+    st = st_raw.clamp_min(quant_ops.EPS)
+    s = alpha * st
+    v = y / s
+    inr = (v >= -qn) & (v <= qp)
+    q = torch.round(v.clamp(-qn, qp))
+    g = dy.double()
+    gs = (g * (q - torch.where(inr, v, 0))).sum(-1, keepdim=True)
+    d = torch.where(inr, g, 0) + gs * alpha / (k * st) * y
+    a, b = _factors_cpu(k, "kronecker", None)
+    a, b = a[: lay.rows, : lay.rows].to(x.device), b.to(x.device)
+    dx = (a @ d.reshape(-1, lay.rows, lay.P) @ b.T).reshape(d.shape) / lay.sqrt_n * signs.double()
+    return dx, (gs * st)[:, 0]
+
+
+def one(k, stages, per_sm, m):
+    quant_ops.NUM_STAGES["backward"] = stages or None
+    quant_ops.PROGRAMS_PER_SM = per_sm
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    dy = torch.randn_like(x)
+    signs = torch.where(torch.rand(k, device="cuda") < 0.5, -1.0, 1.0)
+    lay = rotation_layout(k, "kronecker", None)
+    alpha = torch.full((1,), 0.5, device="cuda")
+    runs = [rotate_quantize_backward(x, dy, signs, lay, alpha, 2, True, 1) for _ in range(2)]
+    torch.cuda.synchronize()
+    dx, ga = runs[0]
+    rdx, rga = reference(x, dy, signs, k, 0.5)
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    return dict(K=k, stages=stages, per_sm=per_sm, M=m, finite=bool(torch.isfinite(dx).all() and torch.isfinite(ga).all()),
+                deterministic=bool(torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])),
+                dx_rel_err=rel(dx, rdx), ga_rel_err=rel(ga, rga))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5:
+        print(json.dumps(one(*map(int, sys.argv[1:]))))
+        sys.exit(0)
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    for k, stages, per_sm, m in itertools.product((1152, 4608), (0, 1), (1, 8), (256, 8192)):
+        p = subprocess.run([sys.executable, __file__, str(k), str(stages), str(per_sm), str(m)], env=env,
+                           capture_output=True, text=True, timeout=120)
+        line = p.stdout.strip().splitlines()[-1] if p.returncode == 0 and p.stdout.strip() else \
+            json.dumps(dict(K=k, stages=stages, per_sm=per_sm, M=m, error=(p.stderr.strip().splitlines() or ["?"])[-1][:200]))
+        print(line, flush=True)
