@@ -1,10 +1,11 @@
 """Diagnose the fused rotate+quantize backward kernel on a GPU: finite, deterministic, and equal to a
 float64 torch reference? One process per setting (CUDA_LAUNCH_BLOCKING=1: a fault poisons its process).
 
-    python benchmarks/bwd_diag.py            # every setting, one JSON line each
-    python benchmarks/bwd_diag.py K STAGES PROGRAMS_PER_SM M    # one setting (STAGES 0: the kernel default)
+    python benchmarks/bwd_diag.py [--dims 1152 4608] [--stages 0 1] [--per_sm 1 8] [--ms 256 8192]
+    python benchmarks/bwd_diag.py one K STAGES PROGRAMS_PER_SM M    # one setting (STAGES 0: the compiler default)
 """
 
+import argparse
 import itertools
 import json
 import os
@@ -61,12 +62,16 @@ def one(k, stages, per_sm, m):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5:
-        print(json.dumps(one(*map(int, sys.argv[1:]))))
+    if len(sys.argv) == 6 and sys.argv[1] == "one":
+        print(json.dumps(one(*map(int, sys.argv[2:]))))
         sys.exit(0)
+    ap = argparse.ArgumentParser(description=__doc__)
+    for name, default in (("dims", [1152, 4608]), ("stages", [0, 1]), ("per_sm", [1, 8]), ("ms", [256, 8192])):
+        ap.add_argument(f"--{name}", type=int, nargs="+", default=default)
+    args = ap.parse_args()
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
-    for k, stages, per_sm, m in itertools.product((1152, 4608), (0, 1), (1, 8), (256, 8192)):
-        p = subprocess.run([sys.executable, __file__, str(k), str(stages), str(per_sm), str(m)], env=env,
+    for k, stages, per_sm, m in itertools.product(args.dims, args.stages, args.per_sm, args.ms):
+        p = subprocess.run([sys.executable, __file__, "one", str(k), str(stages), str(per_sm), str(m)], env=env,
                            capture_output=True, text=True, timeout=120)
         line = p.stdout.strip().splitlines()[-1] if p.returncode == 0 and p.stdout.strip() else \
             json.dumps(dict(K=k, stages=stages, per_sm=per_sm, M=m, error=(p.stderr.strip().splitlines() or ["?"])[-1][:200]))

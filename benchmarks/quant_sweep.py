@@ -1,5 +1,5 @@
 """Launch settings of the fused rotate+quantize kernels at DiT-XL/2 sizes (8192 tokens, K = 1152
-and 4608): warps per program, persistent programs per SM, forward column-chunk width (K = 4608), the factors reloaded per token or kept
+and 4608): warps per program, persistent programs per SM, the factors reloaded per token or kept
 in registers, exact (hi/lo) or fast rotation. GPU time per call from CUDA graphs, against the
 bytes floor (read x bf16, write e4m3 codes; backward: read x and dy, write dx) at the copy rate.
 
@@ -36,7 +36,6 @@ def main():
     bw = 2 * x.numel() * 2 / (copy * 1e-3)  # bytes/s, read + write
     print(f"GPU {torch.cuda.get_device_name()} | copy {bw / 1e12:.2f} TB/s")
     rows = []
-    chunks_default = dict(quant_ops.CHUNK_COLS)
     for k in args.dims:
         lay = rotation_layout(k, "kronecker", None)
         tile = lay.MP * lay.P
@@ -45,38 +44,31 @@ def main():
         signs = torch.ones(k, device="cuda")
         alpha = torch.full((1, 1), 0.5, device="cuda")
         floor_f, floor_b = (m * k * 3) / bw * 1e6, (m * k * 6) / bw * 1e6  # us
-        warp_set = (4, 8) if tile <= 2048 else (4, 8, 16)
-        chunk_set = (lay.P,) if tile <= 2048 else (lay.P, 64, 32, 16)
-        for warps, per_sm, chunk, reload, split in itertools.product(
-                warp_set, (1, 2, 4, 8), chunk_set, (False, True) if args.reload else (False,), (True, False)):
+        for warps, per_sm, reload, split in itertools.product(
+                (4, 8, 16), (1, 2, 4, 8), (False, True) if args.reload else (False,), (True, False)):
             quant_ops.NUM_WARPS[tile], quant_ops.PROGRAMS_PER_SM = warps, per_sm
-            quant_ops.CHUNK_COLS[tile] = chunk
             quant_ops.RELOAD_ABOVE.update(forward=0 if reload else 1 << 30, backward=0 if reload else 1 << 30)
             try:
                 fwd = gbench(lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, split=split)) * 1e3
-                bwd = float("nan")  # the backward does not chunk: time it once per setting
-                if chunk == lay.P:
-                    bwd = gbench(lambda: rotate_quantize_backward(x, dy, signs, lay, alpha.reshape(1), 2, True, 1,
-                                                                  split=split)) * 1e3
+                bwd = gbench(lambda: rotate_quantize_backward(x, dy, signs, lay, alpha.reshape(1), 2, True, 1,
+                                                              split=split)) * 1e3
             except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory / registers)
-                print(f"K={k} warps={warps} per_sm={per_sm} chunk={chunk} reload={reload} split={split}: "
+                print(f"K={k} warps={warps} per_sm={per_sm} reload={reload} split={split}: "
                       f"{type(e).__name__}")
                 continue
-            rows.append(dict(K=k, warps=warps, programs_per_sm=per_sm, chunk=chunk, reload=reload, split=split,
+            rows.append(dict(K=k, warps=warps, programs_per_sm=per_sm, reload=reload, split=split,
                              fwd_us=round(fwd, 1), bwd_us=round(bwd, 1), fwd_floor_us=round(floor_f, 1),
                              bwd_floor_us=round(floor_b, 1)))
             print(json.dumps(rows[-1]), flush=True)
     quant_ops.NUM_WARPS.clear()
-    quant_ops.CHUNK_COLS.clear()
-    quant_ops.CHUNK_COLS.update(chunks_default)
     for k in args.dims:
         for split in (True, False):
             sub = [r for r in rows if r["K"] == k and r["split"] == split]
             if sub:
                 bf = min(sub, key=lambda r: r["fwd_us"])
-                bb = min((r for r in sub if r["bwd_us"] == r["bwd_us"]), key=lambda r: r["bwd_us"])
+                bb = min(sub, key=lambda r: r["bwd_us"])
                 print(f"best K={k} split={split}: fwd {bf['fwd_us']} us (floor {bf['fwd_floor_us']}) with "
-                      f"warps={bf['warps']} per_sm={bf['programs_per_sm']} chunk={bf['chunk']} reload={bf['reload']}; "
+                      f"warps={bf['warps']} per_sm={bf['programs_per_sm']} reload={bf['reload']}; "
                       f"bwd {bb['bwd_us']} us (floor {bb['bwd_floor_us']}) with warps={bb['warps']} "
                       f"per_sm={bb['programs_per_sm']} reload={bb['reload']}")
     if args.json:

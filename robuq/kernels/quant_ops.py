@@ -39,10 +39,10 @@ def _sm_count(index: int) -> int:
 
 
 # Launch settings, swept on an H100 by benchmarks/quant_sweep.py (docs/PERFORMANCE.md): persistent
-# programs per SM; warps per program by token tile size MP * P (4 up to 2048 elements, else 8: 16
-# was 2-4x slower); software-pipelining depth of the per-token loop. Two stages sped the K = 1152
-# backward up (95 -> 70 us at 8192 tokens) but a 256-token fused-QAT test then hit an illegal
-# memory access on the H100, so pipelining stays off (the K = 4608 kernels moved < 5% with any setting).
+# programs per SM; warps per program by token tile size MP * P (4 everywhere: at K = 4608 8 warps
+# took 2x longer, 16 warps 4x); software-pipelining depth of the per-token loop. Two stages sped
+# the K = 1152 backward up (95 -> 70 us at 8192 tokens) but are not validated on the GPU, so
+# pipelining stays off.
 PROGRAMS_PER_SM = 8
 NUM_WARPS: dict[int, int] = {}
 NUM_STAGES: dict[str, int | None] = {"forward": 1, "backward": 1}  # None: the compiler default
@@ -54,19 +54,9 @@ def _grid(m: int, device: torch.device) -> tuple[int]:
     return (max(1, min(m, _sm_count(device.index or 0) * PROGRAMS_PER_SM)),)
 
 
-# Forward column-chunk width by tile size (the whole P when absent): see triton_quant's docstring.
-CHUNK_COLS: dict[int, int] = {8192: 32}
-
-
-def _chunk(lay: RotationLayout, mode: int) -> int:
-    cw = CHUNK_COLS.get(lay.MP * lay.P, lay.P)
-    chunkable = lay.kind != "none" and (lay.r_first or not lay.has_left) and mode != MODE_IDS["absmax"]
-    return cw if chunkable and cw < lay.P else lay.P
-
-
 def _warps(lay: RotationLayout) -> int:
     tile = lay.MP * lay.P
-    return NUM_WARPS.get(tile, 4 if tile <= 2048 else 8)
+    return NUM_WARPS.get(tile, 4)
 
 
 # Reload the factors per token (from L1/L2) above this tile size instead of keeping them in
@@ -127,7 +117,7 @@ def rotate_quantize(
         tq.rotq_fwd_kernel[grid](
             x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st,
             m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
-            G=g, RELOAD=_reload(lay, backward=False), STAGES=NUM_STAGES["forward"], CW=_chunk(lay, mode),
+            G=g, RELOAD=_reload(lay, backward=False), STAGES=NUM_STAGES["forward"],
             W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
             num_warps=_warps(lay), **_common(lay, bits, signed, mode, x.dtype, split),
         )

@@ -15,9 +15,7 @@ rounds the intermediate to bf16 once (faster, ~1e-3 relative).
 
 Outputs (each optional): int8 codes, e4m3 codes (integers |q| <= 16 are exact in e4m3), a dense
 tensor ``q * s_t`` (QAT forward) or ``q`` (bf16 codes for the A6-A8 bf16 GEMM), s_t and stat.
-Large tokens (K = 4608: a [64, 128] tile) can be rotated in column chunks ``CW`` (``Y[:, c] =
-A^T (X B[:, c])``), with the rms taken from x (the rotation is orthonormal), so that only
-[MP, CW] tiles are live. Several quantizers that share one input and one rotation (q/k/v projections) are served by one
+Several quantizers that share one input and one rotation (q/k/v projections) are served by one
 launch: ``G`` alpha rows give ``G`` code tensors from a single read and rotation of x.
 
 The backward kernel recomputes the rotation from x (nothing but x, s_t inputs and int8 codes is
@@ -115,7 +113,7 @@ def rotq_fwd_kernel(
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr,
     W_I8: tl.constexpr, W_F8: tl.constexpr, W_OUT: tl.constexpr, OUT_SCALED: tl.constexpr, W_STAT: tl.constexpr,
-    RELOAD: tl.constexpr, STAGES: tl.constexpr, CW: tl.constexpr,
+    RELOAD: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -140,55 +138,34 @@ def rotq_fwd_kernel(
             L = tl.load(LEFT + l_offs)
             R = tl.load(RIGHT + r_offs)
         x = tl.load(X + t * stride_x + offs, mask=mtok, other=0.0).to(tl.float32) * sg
-        if CW == P:
-            y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
-            st = tl.maximum(_stat(y, MODE, K, EPS), EPS)
-            _emit(y, st, t, ok, offs, mtok, ALPHA, alpha_sg, alpha_st, CODES_I8, CODES_F8, OUT, S, codes_sg, s_sg,
-                  K, QN, QP, SIGN1, MODE, G, W_I8, W_F8, W_OUT, OUT_SCALED)
-        else:
-            # Column chunks of Y = A^T X B: Y[:, c] = A^T (X B[:, c]), so only [MP, CW] tiles are live.
-            # The rms needs no Y: the rotation is orthonormal, so rms(y) = rms(x * d) (host: MODE != 2).
-            st = tl.maximum(_stat(x, MODE, K, EPS), EPS)
-            rc = tl.arange(0, CW)
-            for c in tl.static_range(P // CW):
-                Rc = tl.load(RIGHT + rj[:, None] * P + (c * CW + rc)[None, :])
-                y = _right(x, Rc, SPLIT1, DOT_DT)
-                if HAS_LEFT:
-                    y = _left(L, y, SPLIT2, DOT_DT)
-                offs_c = ri[:, None] * P + (c * CW + rc)[None, :]
-                mask_c = (ri[:, None] < ROWS) & (rc[None, :] < CW) & ok
-                _emit(y / SQRT_N, st, t, ok, offs_c, mask_c, ALPHA, alpha_sg, alpha_st, CODES_I8,
-                      CODES_F8, OUT, S, codes_sg, s_sg, K, QN, QP, SIGN1, MODE, G, W_I8, W_F8, W_OUT, OUT_SCALED)
+        y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
+        st = _stat(y, MODE, K, EPS)
+        st = tl.maximum(st, EPS)
         if W_STAT:
             tl.store(STAT + t, st, mask=ok)
-
-
-@triton.jit
-def _emit(y, st, t, ok, offs, mtok, ALPHA, alpha_sg, alpha_st, CODES_I8, CODES_F8, OUT, S, codes_sg, s_sg,
-          K: tl.constexpr, QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr,
-          G: tl.constexpr, W_I8: tl.constexpr, W_F8: tl.constexpr, W_OUT: tl.constexpr, OUT_SCALED: tl.constexpr):
-    """Quantize the rotated tile y (at ``offs`` of token t) for each of the G steps and store."""
-    for g in tl.static_range(G):
-        alpha = tl.load(ALPHA + g * alpha_sg + t * alpha_st)
-        if MODE == 0:
-            s = alpha
-        else:
-            s = alpha * st
-        q = _quantize(y / s, QN, QP, SIGN1)
-        base = g * codes_sg + t * K + offs
-        if W_I8:
-            tl.store(CODES_I8 + base, q.to(tl.int8), mask=mtok)
-        if W_F8:
-            tl.store(CODES_F8 + base, q.to(tl.float8e4nv), mask=mtok)
-        if W_OUT:
-            if OUT_SCALED:
-                tl.store(OUT + base, (q * s).to(OUT.dtype.element_ty), mask=mtok)
+        for g in tl.static_range(G):
+            alpha = tl.load(ALPHA + g * alpha_sg + t * alpha_st)
+            if MODE == 0:
+                s = alpha
             else:
-                tl.store(OUT + base, q.to(OUT.dtype.element_ty), mask=mtok)
-        tl.store(S + g * s_sg + t, s, mask=ok)
+                s = alpha * st
+            q = _quantize(y / s, QN, QP, SIGN1)
+            base = g * codes_sg + t * K + offs
+            if W_I8:
+                tl.store(CODES_I8 + base, q.to(tl.int8), mask=mtok)
+            if W_F8:
+                tl.store(CODES_F8 + base, q.to(tl.float8e4nv), mask=mtok)
+            if W_OUT:
+                if OUT_SCALED:
+                    tl.store(OUT + base, (q * s).to(OUT.dtype.element_ty), mask=mtok)
+                else:
+                    tl.store(OUT + base, q.to(OUT.dtype.element_ty), mask=mtok)
+            tl.store(S + g * s_sg + t, s, mask=ok)
 
 
-@triton.jit
+# n_iter is not specialised: on the H100 the K = 1152 backward compiled for n_iter == 1 (as many
+# programs as tokens) faulted with an illegal memory access (benchmarks/bwd_diag.py, docs/PERFORMANCE.md).
+@triton.jit(do_not_specialize=["n_iter"])
 def rotq_bwd_kernel(
     X, GRAD, SIGNS, LEFT, RIGHT, LEFT_T, ALPHA, DX, GA,
     M, n_iter, stride_x, stride_g, alpha_st,

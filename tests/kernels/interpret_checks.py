@@ -47,32 +47,6 @@ def check_layouts():
     print("layouts ok")
 
 
-def check_column_chunks():
-    """The column-chunked forward (rms from x) gives the codes and scales of the whole-tile forward."""
-    from robuq.kernels import quant_ops
-
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(3, 4608, generator=g)
-    saved = dict(quant_ops.CHUNK_COLS)
-    for kind, bs in [("kronecker", None), ("block", 128)]:
-        lay = rotation_layout(4608, kind, bs)
-        signs = torch.where(torch.rand(4608, generator=g) < 0.5, -1.0, 1.0)
-        for mode in (0, 1):
-            runs = []
-            for chunks in ({}, {lay.MP * lay.P: 32}):
-                quant_ops.CHUNK_COLS.clear()
-                quant_ops.CHUNK_COLS.update(chunks)
-                runs.append(rotate_quantize(x, signs, lay, torch.tensor([[0.4], [0.8]]), 3, True, mode,
-                                            want_i8=True, want_stat=True))
-            whole, chunked = runs
-            assert (whole["i8"] != chunked["i8"]).float().mean() < 1e-4, (kind, mode)
-            torch.testing.assert_close(chunked["s"], whole["s"], rtol=1e-5, atol=0)
-            torch.testing.assert_close(chunked["stat"], whole["stat"], rtol=1e-5, atol=0)
-    quant_ops.CHUNK_COLS.clear()
-    quant_ops.CHUNK_COLS.update(saved)
-    print("column chunks ok")
-
-
 def check_packed_gemm():
     g = torch.Generator().manual_seed(1)
     for m, n, k in [(5, 37, 50), (70, 64, 192), (3, 20, 7)]:
@@ -115,7 +89,6 @@ def check_qat():
 
 if __name__ == "__main__":
     check_layouts()
-    check_column_chunks()
     check_packed_gemm()
     check_qat()
     print("OK")
