@@ -31,7 +31,9 @@ class DiTModule(L.LightningModule):
 
     Labels are dropped with p = ``label_dropout`` (null class) for classifier-free guidance, the
     same ones for student and teacher. ``ema`` is an exponential moving average of the student,
-    saved in checkpoints and used for evaluation.
+    saved in checkpoints and used for evaluation. ``fused_kernels`` (qat) switches the quantized
+    layers to the fused Triton rotate+quantize path (docs/PERFORMANCE.md), used on CUDA under
+    bf16/fp16 autocast; checkpoints are the same either way.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class DiTModule(L.LightningModule):
         diffusion_weight: float = 0.0,
         nan_policy: str = "stop",
         seed: int = 0,
+        fused_kernels: bool = False,
     ):
         super().__init__()
         if task not in TASKS:
@@ -83,9 +86,13 @@ class DiTModule(L.LightningModule):
             disable_label_dropout(teacher_model)
         disable_label_dropout(student)
         self.model_config = dit_config(student)
+        if fused_kernels and task != "qat":
+            raise ValueError("fused_kernels applies to task 'qat' (it swaps the QuantLinear forward); drop it for pretrain")
         if task == "qat":
             self.quant_report = quantize_(student, quant, plan)
             print(self.quant_report)
+            if fused_kernels:
+                self.fused_layers = _use_fused_kernels(student)
         self.student = student.train()  # from_pretrained returns eval mode
         self.ema = copy.deepcopy(student).requires_grad_(False)
         self.register_buffer("ema_started", torch.tensor(False))
@@ -342,3 +349,18 @@ def load_for_eval(path: str, use_ema: bool = True) -> tuple[nn.Module, dict]:
         "plan": meta["plan"],
     }
     return model.eval(), info
+
+
+def _use_fused_kernels(student: nn.Module) -> dict[str, bool]:
+    """Switch the student's QuantLinears to the fused Triton path (robuq.kernels.qat): it runs on CUDA
+    under bf16/fp16 autocast (``--trainer.precision bf16-mixed``) and falls back to the reference
+    path elsewhere, so results do not depend on the switch beyond float rounding."""
+    try:
+        from robuq.kernels.qat import use_fused_kernels
+    except ImportError as e:
+        raise ImportError(f"fused_kernels needs triton ({e}); install it (it comes with CUDA torch) or set "
+                          "fused_kernels: false") from e
+    fused = use_fused_kernels(student)
+    print(f"fused Triton QAT path on {sum(fused.values())}/{len(fused)} quantized layers "
+          "(active on CUDA under bf16/fp16 autocast)")
+    return fused

@@ -87,3 +87,27 @@ def test_plan_for_another_model_is_refused(tmp_path, tiny_teacher, make_config):
     cfg = make_config(tmp_path / "c.yaml", tiny_teacher, extra_model=f"plan: {plan}")
     proc = fit("--config", cfg, "--trainer.default_root_dir", str(tmp_path / "r"), check=False)
     assert proc.returncode != 0 and "transformer_blocks.27.attn1.to_q" in proc.stderr
+
+
+def test_fused_kernels_switch(tmp_path):
+    """fused_kernels installs the fused forward on every supported layer of the student and of its EMA
+    copy; on CPU that forward takes the reference path, so outputs equal the unswitched module's."""
+    pytest.importorskip("triton")
+    from diffusers import DiTTransformer2DModel
+
+    from robuq.module import DiTModule
+
+    path = tmp_path / "dit192"  # hidden 192 = 12 * 16: a rotation layout the kernels serve
+    DiTTransformer2DModel(num_attention_heads=3, attention_head_dim=64, in_channels=1, out_channels=1, num_layers=1,
+                          sample_size=8, patch_size=2, num_embeds_ada_norm=10).save_pretrained(path)
+    plain, fused = DiTModule(teacher=str(path)), DiTModule(teacher=str(path), fused_kernels=True)
+    assert fused.fused_layers and all(fused.fused_layers.values())
+    fused.student.load_state_dict(plain.student.state_dict())
+    q = fused.ema.transformer_blocks[0].attn1.to_q
+    assert q.forward.__self__ is q  # the EMA copy's forward is bound to the copy
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(fused.student(x, timestep=t, class_labels=y).sample,
+                                   plain.student(x, timestep=t, class_labels=y).sample, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fused_kernels applies to task 'qat'"):
+        DiTModule(task="pretrain", teacher=str(path), fused_kernels=True)
