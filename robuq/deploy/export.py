@@ -34,7 +34,8 @@ from .pack import PACK_LAYOUT
 FORMAT = "robuq-packed-v1"
 CONFIG_NAME = "robuq_export.json"
 WEIGHTS_NAME = "model.safetensors"
-ALIAS_MIN_NUMEL = 1024  # smaller identical tensors (biases, norms) are stored as they are
+ALIAS_MIN_NUMEL = 1024
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # smaller identical tensors (biases, norms) are stored as they are
 
 
 def _dit_config(model: nn.Module) -> dict:
@@ -185,11 +186,13 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--checkpoint", required=True, help="a robuq QAT .ckpt")
     p.add_argument("--out", required=True)
     p.add_argument("--raw", action="store_true", help="export the raw student instead of its EMA")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="cast the full-precision layers (packed codes and scales stay exact)")
     args = p.parse_args(argv)
     model, info = load_for_eval(args.checkpoint, use_ema=not args.raw)
     if info["task"] != "qat":
         raise SystemExit(f"{args.checkpoint} is a full-precision ({info['task']}) checkpoint: nothing to pack")
-    out = export(model, args.out)
+    out = export(model, args.out, dtype=DTYPES[args.dtype] if args.dtype else None)
     print(f"exported {info['weights']} weights of {args.checkpoint} (step {info['global_step']}) to {out}")
     return out
 

@@ -62,3 +62,26 @@ def test_cuda_graph_dit_replays_the_eager_model(exported):
     assert len(graphed.transformer.graphs) == 1  # one shape: captured once, replayed 5 times
     with pytest.raises(ValueError, match="CUDA inputs"):
         graphed.transformer(torch.zeros(1, 1, 32, 32), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+
+
+def test_pipeline_decodes_latents_with_a_vae(tmp_path):
+    """A latent DiT (4 channels) through a tiny AutoencoderKL, as DiT-XL/2 with sd-vae-ft-ema."""
+    from diffusers import AutoencoderKL
+
+    from robuq.quant import QuantConfig, quantize_
+
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=3, attention_head_dim=64, in_channels=4, out_channels=8,
+                                          num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    quantize_(dit, QuantConfig(act_bits=2))
+    with torch.no_grad():
+        dit(torch.randn(2, 4, 8, 8), timestep=torch.tensor([1, 500]), class_labels=torch.tensor([0, 1]))
+    export(dit.eval(), tmp_path / "latent")
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, layers_per_block=1, scaling_factor=0.18215)
+    vae.save_pretrained(tmp_path / "vae")
+    pipe = RobuQDiTPipeline.from_exported(tmp_path / "latent", scheduler="ddpm", vae=str(tmp_path / "vae"))
+    out = pipe([3, 4], guidance_scale=4.0, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+               output_type="pt").images
+    assert out.shape == (2, 3, 16, 16) and 0 <= out.min() and out.max() <= 1  # 8x8 latents, one 2x upsampling

@@ -41,8 +41,19 @@ def test_pretrain_then_qat_then_evaluate_model(tmp_path, tiny_teacher, make_conf
 
     from robuq.deploy.export import CONFIG_NAME, main as export_main
 
-    out = export_main(["--checkpoint", str(tmp_path / "qat" / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "exp")])
+    out = export_main(["--checkpoint", str(tmp_path / "qat" / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "exp"),
+                       "--dtype", "bfloat16"])
     assert (out / CONFIG_NAME).is_file()
+    from robuq.deploy import RobuQDiTPipeline
+
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # --dtype reached the FP layers only
+        assert f.get_tensor("pos_embed.proj.weight").dtype == torch.bfloat16
+        assert f.get_tensor("transformer_blocks.0.ff.net.2.w_scale").dtype == torch.float32
+    pipe = RobuQDiTPipeline.from_exported(out, scheduler="ddim")
+    images = pipe([0, 9], guidance_scale=1.5, num_inference_steps=2, output_type="pt").images
+    assert images.shape == (2, 1, 32, 32) and torch.isfinite(images).all()
 
 
 def test_resume_is_exact(tmp_path, tiny_teacher, make_config):
