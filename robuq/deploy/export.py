@@ -135,8 +135,13 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     aliases = config.get("aliases", {})
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in aliases]
-    if missing or unexpected or any(v not in state for v in aliases.values()):
+    if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    known = set(model.state_dict())
+    bad = {k: v for k, v in aliases.items() if k not in known or v not in state}
+    if bad:
+        raise ValueError(f"{cfg_file}: aliases {dict(list(bad.items())[:3])} name tensors the model or {WEIGHTS_NAME} "
+                         "lacks; the export is damaged: export it again")
     if dtype is not None:
         for m in model.modules():
             if not isinstance(m, PackedTernaryLinear):

@@ -172,3 +172,16 @@ def test_identical_embedders_are_stored_once_and_tied(tmp_path):
                                    student(x, timestep=t, class_labels=y).sample, rtol=1e-3, atol=1e-3)
     untied = weight_bytes(pack_model(student))["total"]
     assert weight_bytes(model)["total"] < untied
+
+
+def test_damaged_aliases_are_refused(tmp_path):
+    student = tiny_student(act_bits=4)
+    blocks = student.transformer_blocks
+    blocks[1].norm1.emb.load_state_dict(blocks[0].norm1.emb.state_dict())
+    export(init_and_eval(student), tmp_path)
+    cfg = json.loads((tmp_path / "robuq_export.json").read_text())
+    name = next(iter(cfg["aliases"]))
+    cfg["aliases"][name] = "transformer_blocks.7.norm1.emb.nothing"
+    (tmp_path / "robuq_export.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="aliases .* export it again"):
+        load_exported(tmp_path)
