@@ -42,6 +42,8 @@ def test_pipeline_output_types_and_errors(exported):
         pipe([10], **kw)
     with pytest.raises(ValueError, match="output_type"):
         pipe([1], output_type="latent", **kw)
+    with pytest.raises(ValueError, match="num_inference_steps must be >= 1"):
+        pipe([1], generator=torch.Generator().manual_seed(1), num_inference_steps=0)
     with pytest.raises(ValueError, match="unknown class names"):
         pipe.get_label_ids("sandal")
     with pytest.raises(ValueError, match="unknown scheduler"):
