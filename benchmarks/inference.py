@@ -325,8 +325,7 @@ def forward_bench(res, batches, bits):
             entry[name] = dict(eager_ms=te, graph_ms=tg, peak_bytes=peak, activation_peak_bytes=peak - base)
         rows.append([bs, f"{entry['bf16']['eager_ms']:.2f}", f"{entry['ours']['eager_ms']:.2f}",
                      f"{entry['bf16']['eager_ms'] / entry['ours']['eager_ms']:.2f}x",
-                     "n/a" if entry["bf16"]["graph_ms"] is None else f"{entry['bf16']['graph_ms']:.2f}",
-                     "n/a" if entry["ours"]["graph_ms"] is None else f"{entry['ours']['graph_ms']:.2f}",
+                     graph_cell(entry["bf16"]["graph_ms"]), graph_cell(entry["ours"]["graph_ms"]),
                      "n/a" if None in (entry["bf16"]["graph_ms"], entry["ours"]["graph_ms"])
                      else f"{entry['bf16']['graph_ms'] / entry['ours']['graph_ms']:.2f}x",
                      f"{entry['bf16']['peak_bytes'] / 2**30:.2f}", f"{entry['ours']['peak_bytes'] / 2**30:.2f}"]
@@ -396,7 +395,7 @@ def sampling_bench(res, bf16, packed, batch=8, steps=250, cfg=4.0):
     rows.append(["bf16 / ours", f"{out['bf16_eager_s'] / out['ours_eager_s']:.2f}x",
                  f"{out['bf16_graph_s'] / out['ours_graph_s']:.2f}x", ""])
     table(f"{steps}-step DDPM sampling, batch {batch}, CFG {cfg} (wall s, RobuQDiTPipeline)",
-          ["model", "eager", "CUDA graph", "graph vs eager max |diff|"], rows)
+          ["model", "eager", "CUDA graph", "graph vs eager max abs diff"], rows)
 
 
 def main():

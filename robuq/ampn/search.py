@@ -25,6 +25,7 @@ from robuq.ampn.heatmap import save_heatmap
 from robuq.ampn.sensitivity import (
     Batch,
     SensitivityCache,
+    adapted_reference,
     add_targets,
     calibrate,
     digest,
@@ -32,7 +33,6 @@ from robuq.ampn.sensitivity import (
     layer_macs,
     ptq_sensitivity,
     qat_sensitivity,
-    adapted_reference,
     stratified_batches,
     to_device,
 )

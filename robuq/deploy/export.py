@@ -34,8 +34,8 @@ from .pack import PACK_LAYOUT
 FORMAT = "robuq-packed-v1"
 CONFIG_NAME = "robuq_export.json"
 WEIGHTS_NAME = "model.safetensors"
-ALIAS_MIN_NUMEL = 1024
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # smaller identical tensors (biases, norms) are stored as they are
+ALIAS_MIN_NUMEL = 1024  # smaller identical tensors (biases, norms) are stored as they are
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _dit_config(model: nn.Module) -> dict:
@@ -171,9 +171,11 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     packed = other = 0
     counted = set()
     for m in model.modules():
-        tensors = list(m.parameters(recurse=False)) + [b for b in m.buffers(recurse=False) if b is not None]
-        tensors = [t for t in tensors if t.data_ptr() not in counted and not counted.add(t.data_ptr())]
-        n = sum(t.numel() * t.element_size() for t in tensors)
+        n = 0
+        for t in [*m.parameters(recurse=False), *(b for b in m.buffers(recurse=False) if b is not None)]:
+            if t.data_ptr() not in counted:
+                counted.add(t.data_ptr())
+                n += t.numel() * t.element_size()
         if isinstance(m, PackedTernaryLinear):
             packed += n
         else:

@@ -86,10 +86,9 @@ class RobuQDiTPipeline(DiffusionPipeline):
         if len(labels) == 0 or labels.min() < 0 or labels.max() >= num_classes:
             raise ValueError(f"class_labels must be a non-empty list of ids in [0, {num_classes}), got {class_labels!r}")
         latents = randn_tensor((len(labels), *shape), generator=generator, device=device, dtype=torch.float32)
-        dtype = torch.float32 if param.dtype == torch.float32 else param.dtype
         x = denoise(self.transformer, self.scheduler, latents, labels.to(device), steps=num_inference_steps,
-                    cfg_scale=guidance_scale, num_classes=num_classes, learned_sigma=learned_sigma, dtype=dtype,
-                    generator=generator, on_step=None)
+                    cfg_scale=guidance_scale, num_classes=num_classes, learned_sigma=learned_sigma, dtype=param.dtype,
+                    generator=generator)
         if self.vae is not None:
             x = self.vae.decode((x / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
         images = (x / 2 + 0.5).clamp(0, 1)

@@ -186,8 +186,9 @@ def _fused_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     cdt = _compute_dtype(x)
     if cdt == torch.float32 and not tq.INTERPRET:
         # fp32 training (no autocast) stays on the reference path: on the H100 the fp32 fused
-        # backward returned non-finite values at K = 1152 and one fp32 test faulted (docs/PERFORMANCE.md).
-        # The kernels serve 16-bit compute, the setting fast QAT is for (bf16-mixed).
+        # backward returned non-finite values at K = 1152 and one fp32 test faulted, probably the
+        # n_iter specialisation fault fixed in triton_quant (not re-tested in fp32). The kernels
+        # serve 16-bit compute, the setting fast QAT is for (bf16-mixed).
         return QuantLinear.forward(self, x)
     kind, bs = rotation_kind(self.act.rotation)
     lead = x.shape[:-1]
