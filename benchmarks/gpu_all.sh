@@ -33,9 +33,9 @@ for stage in $STAGES; do
         qat)
             timeout "$STAGE_TIMEOUT" python3 benchmarks/qat_step.py --json "$OUT/qat.json" ${QAT_ARGS:-} 2>&1 | tee "$OUT/qat.log" || rc=1 ;;
         sweep)
-            timeout "$STAGE_TIMEOUT" python3 benchmarks/quant_sweep.py --json "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.log" || rc=1 ;;
+            timeout "$STAGE_TIMEOUT" python3 benchmarks/quant_sweep.py --json "$OUT/sweep.json" ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.log" || rc=1 ;;
         qat_compile)
-            timeout "$STAGE_TIMEOUT" python3 benchmarks/qat_step.py --no-kernels --compile-only --rows ${COMPILE_ROWS:-a c} --json "$OUT/qat_compile.json" 2>&1 | tee "$OUT/qat_compile.log" || rc=1 ;;
+            timeout "$STAGE_TIMEOUT" python3 benchmarks/qat_step.py --no-kernels --modes compile-regional --rows ${COMPILE_ROWS:-a c d} --json "$OUT/qat_compile.json" 2>&1 | tee "$OUT/qat_compile.log" || rc=1 ;;
         *) echo "unknown stage $stage"; rc=1 ;;
     esac
 done

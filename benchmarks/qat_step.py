@@ -6,10 +6,10 @@ Rows (issue 7):
   c  QAT student, fused Triton path (robuq.kernels.qat.use_fused_kernels)
   d  full QAT step: frozen bf16 teacher forward + (c) with the distillation MSE
 
-    python benchmarks/qat_step.py [--rows a b c d] [--compile] [--steps 10] [--batch 32] [--bits 2]
+    python benchmarks/qat_step.py [--rows a b c d] [--modes eager compile-regional graph] [--steps 10]
 
-Prints ms/step, images/s, peak memory and the ratio of each row's time to row (a) eager; with
---compile also the torch.compile'd version of each row (where compiling works).
+Prints ms/step, images/s, peak memory and each row's time and memory against row (a) in the same
+mode: eager, torch.compile (per block or whole model), or the whole step as one CUDA graph.
 """
 
 from __future__ import annotations
@@ -62,16 +62,32 @@ def make_student(bits):
     return student.train()
 
 
-def run_row(name, model, teacher, bs, steps, compiled):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    fwd = torch.compile(model) if compiled else model
+def _compile(model, how):
+    """``full``: torch.compile the whole model; ``regional``: compile each transformer block (the 28
+    identical blocks share one compiled graph, so warm-up is one block's compile, PyTorch's
+    regional-compilation recipe)."""
+    if how == "full":
+        return torch.compile(model)
+    for block in model.transformer_blocks:
+        block.compile()
+    return model
+
+
+def run_row(name, model, teacher, bs, steps, mode):
+    """Time one training step (fwd + bwd + AdamW) in ``mode``: "eager", "compile-regional",
+    "compile-full" or "graph" (the whole step captured once in a CUDA graph and replayed: GPU time
+    without host launch overhead)."""
+    graph = mode == "graph"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=graph)
+    fwd = _compile(model, mode.removeprefix("compile-")) if mode.startswith("compile") else model
     tfwd = None
     if teacher is not None:
-        tfwd = torch.compile(teacher) if compiled else teacher
+        tfwd = _compile(teacher, mode.removeprefix("compile-")) if mode.startswith("compile") else teacher
     x, t, y, target = batch(bs)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        # no autocast weight cache: a CUDA graph must recompute the bf16 casts on every replay
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
             if tfwd is not None:
                 with torch.no_grad():
                     tgt = tfwd(x, timestep=t, class_labels=y).sample
@@ -81,12 +97,29 @@ def run_row(name, model, teacher, bs, steps, compiled):
             loss = F.mse_loss(out.float(), tgt.float())
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        if not graph:
+            opt.zero_grad(set_to_none=True)
         return loss
 
     t0 = time.time()
-    for _ in range(3):
-        loss = step()
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                opt.zero_grad(set_to_none=True)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        opt.zero_grad(set_to_none=True)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            loss = step()  # gradients live in the graph's pool and are overwritten each replay
+        run = g.replay
+        run()
+    else:
+        for _ in range(3):
+            loss = step()
+        run = step
     torch.cuda.synchronize()
     warm = time.time() - t0
     torch.cuda.reset_peak_memory_stats()
@@ -94,7 +127,8 @@ def run_row(name, model, teacher, bs, steps, compiled):
     times = []
     for _ in range(steps):
         start.record()
-        loss = step()
+        out = run()
+        loss = loss if graph else out
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -104,7 +138,7 @@ def run_row(name, model, teacher, bs, steps, compiled):
     if not torch.isfinite(loss):
         raise RuntimeError(f"{name}: non-finite loss")
     del opt
-    return dict(row=name, compiled=compiled, ms=ms, min_ms=times[0], images_s=bs / ms * 1e3, peak_gib=peak / 2**30,
+    return dict(row=name, mode=mode, ms=ms, min_ms=times[0], images_s=bs / ms * 1e3, peak_gib=peak / 2**30,
                 warmup_s=warm, loss=float(loss.detach()))
 
 
@@ -226,11 +260,15 @@ def compile_smoke(bits):
         torch._dynamo.reset()
 
 
+MODES = ("eager", "compile-regional", "compile-full", "graph")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", nargs="*", default=["a", "b", "c", "d"])
-    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd rows")
-    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--modes", nargs="*", default=["eager"], choices=MODES,
+                    help="eager; torch.compile per block (regional) or of the whole model (full); the whole "
+                         "step as one CUDA graph (graph). Row b runs eager only.")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--bits", type=int, default=2)
@@ -245,10 +283,11 @@ def main():
         kernel_bench(args.bits)
     if args.compile_smoke:
         compile_smoke(args.bits)
-    modes = [True] if args.compile_only else ([False, True] if args.compile else [False])
     results = []
-    for compiled in modes:
+    for mode in args.modes:
         for row in args.rows:
+            if row == "b" and mode != "eager":
+                continue  # the reference path is the slow baseline; 3.4x eager (docs/PERFORMANCE.md)
             label = {"a": "a plain bf16", "b": "b QAT reference", "c": "c QAT fused", "d": "d QAT fused + teacher"}[row]
             try:
                 teacher = None
@@ -261,30 +300,32 @@ def main():
                         print(f"  {label}: {sum(fused.values())}/{len(fused)} layers fused")
                     if row == "d":
                         teacher = build_xl().to(torch.bfloat16).eval().requires_grad_(False)
-                r = run_row(label, model, teacher, args.batch, args.steps, compiled)
+                r = run_row(label, model, teacher, args.batch, args.steps, mode)
                 results.append(r)
-                print(f"  {label:24s} compiled={compiled!s:5s} {r['ms']:8.1f} ms/step  {r['images_s']:7.1f} img/s  "
+                print(f"  {label:24s} {mode:16s} {r['ms']:8.1f} ms/step  {r['images_s']:7.1f} img/s  "
                       f"peak {r['peak_gib']:5.1f} GiB  (warm-up {r['warmup_s']:.0f} s)", flush=True)
             except Exception as e:  # noqa: BLE001
-                print(f"  {label} compiled={compiled}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+                print(f"  {label} {mode}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
                 traceback.print_exc(limit=3)
-                results.append(dict(row=label, compiled=compiled, error=f"{type(e).__name__}: {str(e)[:400]}"))
+                results.append(dict(row=label, mode=mode, error=f"{type(e).__name__}: {str(e)[:400]}"))
             finally:
                 model = teacher = None  # noqa: F841
                 torch._dynamo.reset()
                 cleanup()
-    base = next((r["ms"] for r in results if r["row"].startswith("a") and not r["compiled"] and "ms" in r), None)
+    base = {r["mode"]: r for r in results if r["row"].startswith("a") and "ms" in r}
     print(f"\nQAT step, DiT-XL/2, batch {args.batch}, bf16 autocast, AdamW, A{args.bits} "
-          f"({torch.cuda.get_device_name()})")
-    print("| row | torch.compile | ms/step | images/s | peak GiB | time / (a) eager |")
-    print("|---|---|---|---|---|---|")
+          f"({torch.cuda.get_device_name()}); ratios against row (a) in the same mode")
+    print("| row | mode | ms/step | images/s | peak GiB | time / (a) | memory / (a) | warm-up s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        if "ms" in r:
-            ratio = f"{r['ms'] / base:.2f}" if base else "n/a"
-            print(f"| {r['row']} | {'on' if r['compiled'] else 'off'} | {r['ms']:.1f} | {r['images_s']:.1f} | "
-                  f"{r['peak_gib']:.1f} | {ratio} |")
-        else:
-            print(f"| {r['row']} | {'on' if r['compiled'] else 'off'} | failed: {r['error'][:80]} | | | |")
+        if "ms" not in r:
+            print(f"| {r['row']} | {r['mode']} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        a = base.get(r["mode"])
+        t_ratio = f"{r['ms'] / a['ms']:.2f}" if a else "n/a"
+        m_ratio = f"{r['peak_gib'] / a['peak_gib']:.2f}" if a else "n/a"
+        print(f"| {r['row']} | {r['mode']} | {r['ms']:.1f} | {r['images_s']:.1f} | {r['peak_gib']:.1f} | {t_ratio} | "
+              f"{m_ratio} | {r['warmup_s']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

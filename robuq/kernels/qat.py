@@ -204,8 +204,10 @@ def _fused_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     else:
         group_of_token = alpha.new_zeros(0, dtype=torch.long)
         alpha_t = alpha[:1]
-    compiling = torch.compiler.is_compiling()
-    wq = _ternary_weight_uncached(self, cdt) if compiling else cached_ternary_weight(self, cdt)
+    # traced or captured code must recompute T(W') each call: a replayed CUDA graph or compiled
+    # graph never runs the host-side cache check, so a cached weight would go stale after opt.step()
+    traced = torch.compiler.is_compiling() or (x2.is_cuda and torch.cuda.is_current_stream_capturing())
+    wq = _ternary_weight_uncached(self, cdt) if traced else cached_ternary_weight(self, cdt)
     signs = self.act.rotation.signs if self.act.rotation is not None else x2.new_ones(self.in_features)
     spec = (kind, bs or 0, q.bits, q.signed, mode_id(q.mode, q.stat), q.groups, cdt)
     y = _apply(x2, self.weight, self.bias, q.step, wq, alpha_t, group_of_token, spec, signs)

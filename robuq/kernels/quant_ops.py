@@ -44,6 +44,9 @@ def _sm_count(index: int) -> int:
 # the K = 1152 backward up (95 -> 70 us at 8192 tokens) but are not validated on the GPU, so
 # pipelining stays off.
 PROGRAMS_PER_SM = 8
+# bf16 input: keep the token tile and the sign pattern in bf16 (exact: the signs are +-1) instead
+# of fp32, halving their registers (benchmarks/quant_sweep.py --x16 compares both).
+X16_TILES = True
 NUM_WARPS: dict[int, int] = {}
 NUM_STAGES: dict[str, int | None] = {"forward": 1, "backward": 1}  # None: the compiler default
 
@@ -73,8 +76,9 @@ def _common(lay: RotationLayout, bits: int, signed: bool, mode: int, x_dtype: to
     return dict(
         ROWS=lay.rows, MP=lay.MP, P=lay.P, QN=float(qn), QP=float(qp), SIGN1=(signed and bits == 1), MODE=mode,
         ROTATE=lay.kind != "none", HAS_LEFT=lay.has_left, R_FIRST=lay.r_first,
-        SPLIT1=(x_dtype == torch.float32 and split), SPLIT2=split, DOT_DT=_dot_dtype(),
-        SQRT_N=float(lay.sqrt_n), EPS=EPS,
+        # the first product is exact without a split only for bf16 input (x is a bf16 dot operand)
+        SPLIT1=(x_dtype != torch.bfloat16 and split), SPLIT2=split, DOT_DT=_dot_dtype(),
+        SQRT_N=float(lay.sqrt_n), EPS=EPS, X16=(X16_TILES and x_dtype == torch.bfloat16 and not tq.INTERPRET),
     )
 
 

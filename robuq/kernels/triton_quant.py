@@ -44,6 +44,24 @@ def _round_half_even(v):
 
 
 @triton.jit
+def _load_signs(SIGNS, offs, mask, X16: tl.constexpr):
+    sg = tl.load(SIGNS + offs, mask=mask, other=0.0)
+    if X16:
+        return sg.to(tl.bfloat16)
+    return sg.to(tl.float32)
+
+
+@triton.jit
+def _signed_token(ptrs, mask, sg, X16: tl.constexpr):
+    """x * d for one token tile. X16 (bf16 input, bf16 dot): stays bf16, exact (d is +-1), which
+    halves the registers of the tile and the sign pattern held across tokens."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if X16:
+        return x * sg
+    return x.to(tl.float32) * sg
+
+
+@triton.jit
 def _right(z, R, SPLIT: tl.constexpr, DOT_DT: tl.constexpr):
     """z @ R, z fp32, R exact in DOT_DT."""
     zh = z.to(DOT_DT)
@@ -78,7 +96,7 @@ def _rotate(x, L, R, ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.c
             y = _right(x, R, SPLIT1, DOT_DT)
         y = y / SQRT_N
     else:
-        y = x
+        y = x.to(tl.float32)
     return y
 
 
@@ -113,7 +131,7 @@ def rotq_fwd_kernel(
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr,
     W_I8: tl.constexpr, W_F8: tl.constexpr, W_OUT: tl.constexpr, OUT_SCALED: tl.constexpr, W_STAT: tl.constexpr,
-    RELOAD: tl.constexpr, STAGES: tl.constexpr,
+    RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -121,7 +139,7 @@ def rotq_fwd_kernel(
     rj = tl.arange(0, P)
     offs = ri[:, None] * P + rj[None, :]
     mask = (ri[:, None] < ROWS) & (rj[None, :] < P)
-    sg = tl.load(SIGNS + offs, mask=mask, other=0.0).to(tl.float32)
+    sg = _load_signs(SIGNS, offs, mask, X16)
     rm = tl.arange(0, MP)
     l_offs = rm[:, None] * MP + rm[None, :]
     r_offs = rj[:, None] * P + rj[None, :]
@@ -137,7 +155,7 @@ def rotq_fwd_kernel(
         if RELOAD:
             L = tl.load(LEFT + l_offs)
             R = tl.load(RIGHT + r_offs)
-        x = tl.load(X + t * stride_x + offs, mask=mtok, other=0.0).to(tl.float32) * sg
+        x = _signed_token(X + t * stride_x + offs, mtok, sg, X16)
         y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
         st = _stat(y, MODE, K, EPS)
         st = tl.maximum(st, EPS)
@@ -173,7 +191,7 @@ def rotq_bwd_kernel(
     QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr,
     ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
-    SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr,
+    SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr,
 ):
     # B (Sylvester) is symmetric, so the transposed rotation is A dy B: no B^T needed.
     pid = tl.program_id(0)
@@ -182,7 +200,7 @@ def rotq_bwd_kernel(
     rj = tl.arange(0, P)
     offs = ri[:, None] * P + rj[None, :]
     mask = (ri[:, None] < ROWS) & (rj[None, :] < P)
-    sg = tl.load(SIGNS + offs, mask=mask, other=0.0).to(tl.float32)
+    sg = _load_signs(SIGNS, offs, mask, X16)
     rm = tl.arange(0, MP)
     l_offs = rm[:, None] * MP + rm[None, :]
     r_offs = rj[:, None] * P + rj[None, :]
@@ -200,7 +218,7 @@ def rotq_bwd_kernel(
             L = tl.load(LEFT + l_offs)
             R = tl.load(RIGHT + r_offs)
             LT = tl.load(LEFT_T + l_offs)
-        x = tl.load(X + t * stride_x + offs, mask=mtok, other=0.0).to(tl.float32) * sg
+        x = _signed_token(X + t * stride_x + offs, mtok, sg, X16)
         y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
         st_raw = _stat(y, MODE, K, EPS)
         st = tl.maximum(st_raw, EPS)
