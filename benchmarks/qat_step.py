@@ -101,6 +101,9 @@ def run_row(name, model, teacher, bs, steps, mode):
             opt.zero_grad(set_to_none=True)
         return loss
 
+    # the peak covers warm-up (and capture) too: a graph's pool is allocated during capture and only
+    # reused by its replays
+    torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     if graph:
         side = torch.cuda.Stream()
@@ -122,7 +125,6 @@ def run_row(name, model, teacher, bs, steps, mode):
         run = step
     torch.cuda.synchronize()
     warm = time.time() - t0
-    torch.cuda.reset_peak_memory_stats()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(steps):

@@ -47,8 +47,10 @@ def _round_half_even(v):
 def _load_signs(SIGNS, offs, mask, X16: tl.constexpr):
     sg = tl.load(SIGNS + offs, mask=mask, other=0.0)
     if X16:
-        return sg.to(tl.bfloat16)
-    return sg.to(tl.float32)
+        sg = sg.to(tl.bfloat16)
+    else:
+        sg = sg.to(tl.float32)
+    return sg
 
 
 @triton.jit
@@ -57,8 +59,10 @@ def _signed_token(ptrs, mask, sg, X16: tl.constexpr):
     halves the registers of the tile and the sign pattern held across tokens."""
     x = tl.load(ptrs, mask=mask, other=0.0)
     if X16:
-        return x * sg
-    return x.to(tl.float32) * sg
+        x = x * sg
+    else:
+        x = x.to(tl.float32) * sg
+    return x
 
 
 @triton.jit
