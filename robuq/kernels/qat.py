@@ -4,11 +4,13 @@ saved tensors.
 
     y = Q(rotate(x)) @ T(W')^T + b
 
-Forward: the kernel reads x once and writes ``q * s_t`` in the compute dtype (fed straight to the
-GEMM and freed) plus int8 codes and the per-token step s_t (kept for backward). Saved for backward:
-x (shared with every other consumer of the same input: q/k/v share it), int8 codes (1 byte per
-element instead of the bf16 GEMM input and the reference's fp32 intermediates), s_t, the cached
-ternary weight. Backward recomputes the rotation from x inside the backward kernel.
+Forward: the kernel reads x once and writes ``q * s_t`` in the compute dtype (the GEMM input,
+kept for the weight gradient as a plain bf16 linear keeps its input) and the per-token step s_t.
+Saved for backward: x (shared with every other consumer of the same input: q/k/v share it), the
+16-bit GEMM input, s_t, the ternary weight; never the reference's fp32 rotated intermediates.
+Backward recomputes the rotation from x inside the backward kernel. (Saving int8 codes instead of
+the GEMM input saves 1 byte per element but costs a dequantize pass per layer in backward: on the
+H100 that pass was ~15 ms of a 164 ms DiT-XL/2 step, docs/PERFORMANCE.md.)
 
 Gradients are those of the pure-torch reference (``robuq.quant``): STE through round, clamp mask,
 LSQ step gradient with the gradient scale ``1/sqrt(numel * Qp)``, the per-token statistic's own
@@ -39,6 +41,7 @@ from robuq.quant.ternary import ternary_codes
 from . import triton_quant as tq
 from .quant_ops import mode_id, rotate_quantize, rotate_quantize_backward
 from .rotation import rotation_kind, rotation_layout
+from .ternary import ternary_weight
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -54,11 +57,11 @@ def _rotq_fwd_impl(
     x: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
     bits: int, signed: bool, mode: int, out_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (q * s_t [M, K] out_dtype, int8 codes [M, K], s_t [M] fp32); alpha [M] or [1]."""
+    """x [M, K] -> (q * s_t [M, K] out_dtype, s_t [M] fp32); alpha [M] or [1]."""
     lay = _layout(x.shape[1], kind, block_size)
-    r = rotate_quantize(x, signs, lay, alpha.reshape(1, -1), bits, signed, mode, want_i8=True, out="scaled",
+    r = rotate_quantize(x, signs, lay, alpha.reshape(1, -1), bits, signed, mode, out="scaled",
                         out_dtype=_DTYPES[out_dtype])
-    return r["out"][0], r["i8"][0], r["s"][0]
+    return r["out"][0], r["s"][0]
 
 
 rotq_fwd = torch.library.custom_op("robuq::rotq_fwd", _rotq_fwd_impl, mutates_args=())
@@ -67,8 +70,7 @@ rotq_fwd = torch.library.custom_op("robuq::rotq_fwd", _rotq_fwd_impl, mutates_ar
 @rotq_fwd.register_fake
 def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype):
     m, k = x.shape
-    return (x.new_empty(m, k, dtype=_DTYPES[out_dtype]), x.new_empty(m, k, dtype=torch.int8),
-            x.new_empty(m, dtype=torch.float32))
+    return x.new_empty(m, k, dtype=_DTYPES[out_dtype]), x.new_empty(m, dtype=torch.float32)
 
 
 def _rotq_bwd_impl(
@@ -105,9 +107,9 @@ class FusedQuantLinearFn(torch.autograd.Function):
         # eager calls the implementation directly (a custom op costs tens of us of host time per
         # call); under torch.compile the registered op keeps the kernel opaque to the tracer
         fwd = torch.ops.robuq.rotq_fwd if torch.compiler.is_compiling() else _rotq_fwd_impl
-        out, codes, s = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt))
+        out, _ = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt))
         y = F.linear(out, wq, None if bias is None else bias.to(cdt))
-        ctx.save_for_backward(x2, codes, s, wq, alpha_t, step, group_of_token, signs)
+        ctx.save_for_backward(x2, out, wq, alpha_t, step, group_of_token, signs)
         ctx.spec = spec
         ctx.has_bias = bias is not None
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -115,11 +117,10 @@ class FusedQuantLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, codes, s, wq, alpha_t, step, group_of_token, signs = ctx.saved_tensors
+        x2, out, wq, alpha_t, step, group_of_token, signs = ctx.saved_tensors
         kind, block_size, bits, signed, mode, groups, cdt = ctx.spec
         dy = dy.to(cdt)
         dout = dy @ wq
-        out = (codes.to(torch.float32) * s[:, None]).to(cdt)
         dw = dy.t() @ out
         db = dy.sum(0) if ctx.has_bias else None
         bwd = torch.ops.robuq.rotq_bwd if torch.compiler.is_compiling() else _rotq_bwd_impl
@@ -154,20 +155,21 @@ def cached_ternary_weight(layer: QuantLinear, dtype: torch.dtype) -> torch.Tenso
     cache = getattr(layer, "_robuq_wq", None)
     if cache is not None and cache[0] == key:
         return cache[1]
-    if layer.weight_quant is None:
-        wq = w.detach().to(dtype)
-    else:
-        codes, scale = ternary_codes(w, layer.weight_quant.granularity, layer.weight_quant.eps)
-        wq = (codes * scale).to(dtype)
+    wq = _ternary_weight_uncached(layer, dtype)
     layer._robuq_wq = (key, wq)
     return wq
 
 
 def _ternary_weight_uncached(layer: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
+    """T(W') in ``dtype``: the one-pass Triton kernel for per-channel scales (eager and CUDA-graph
+    capture), torch ops under torch.compile (Inductor fuses them) and for per-tensor scales."""
     w = layer.weight.detach()
-    if layer.weight_quant is None:
+    wq_cfg = layer.weight_quant
+    if wq_cfg is None:
         return w.to(dtype)
-    codes, scale = ternary_codes(w, layer.weight_quant.granularity, layer.weight_quant.eps)
+    if wq_cfg.granularity == "channel" and not torch.compiler.is_compiling():
+        return ternary_weight(w, dtype, wq_cfg.eps)
+    codes, scale = ternary_codes(w, wq_cfg.granularity, wq_cfg.eps)
     return (codes * scale).to(dtype)
 
 

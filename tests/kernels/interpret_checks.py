@@ -14,9 +14,11 @@ from robuq.kernels.gemm import packed_gemm  # noqa: E402
 from robuq.kernels.qat import use_fused_kernels  # noqa: E402
 from robuq.kernels.quant_ops import rotate_quantize  # noqa: E402
 from robuq.kernels.rotation import reference_rotate, rotation_layout  # noqa: E402
+from robuq.kernels.ternary import ternary_weight  # noqa: E402
 from robuq.quant import QuantConfig, quantize_  # noqa: E402
 from robuq.quant.context import timestep_groups  # noqa: E402
 from robuq.quant.hadamard import HadamardRotation  # noqa: E402
+from robuq.quant.ternary import ternary_codes  # noqa: E402
 
 
 def rel(a, b):
@@ -59,6 +61,16 @@ def check_packed_gemm():
     print("packed gemm ok")
 
 
+def check_ternary():
+    g = torch.Generator().manual_seed(2)
+    for n, k in [(37, 2500), (5, 7), (3, 1024)]:  # K over, under and at the kernel's block
+        w = torch.randn(n, k, generator=g)
+        w[0] = 0.0  # an all-zero row: the scale clamps to eps, codes are 0
+        codes, scale = ternary_codes(w)
+        torch.testing.assert_close(ternary_weight(w, torch.float32), codes * scale, rtol=1e-6, atol=0)
+    print("ternary ok")
+
+
 def check_qat():
     torch.manual_seed(0)
     cfgs = [dict(act_bits=2), dict(act_bits=4, act_stat="absmax"), dict(act_bits=3, act_mode="static"),
@@ -90,6 +102,7 @@ def check_qat():
 if __name__ == "__main__":
     check_layouts()
     check_packed_gemm()
+    check_ternary()
     check_qat()
     print("OK")
     sys.exit(0)
