@@ -140,8 +140,9 @@ def run_row(name, model, teacher, bs, steps, mode):
     if not torch.isfinite(loss):
         raise RuntimeError(f"{name}: non-finite loss")
     del opt
+    graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) if mode.startswith("compile") else 0
     return dict(row=name, mode=mode, ms=ms, min_ms=times[0], images_s=bs / ms * 1e3, peak_gib=peak / 2**30,
-                warmup_s=warm, loss=float(loss.detach()))
+                warmup_s=warm, loss=float(loss.detach()), compiled_graphs=graphs)
 
 
 def cleanup():
@@ -305,7 +306,8 @@ def main():
                 r = run_row(label, model, teacher, args.batch, args.steps, mode)
                 results.append(r)
                 print(f"  {label:24s} {mode:16s} {r['ms']:8.1f} ms/step  {r['images_s']:7.1f} img/s  "
-                      f"peak {r['peak_gib']:5.1f} GiB  (warm-up {r['warmup_s']:.0f} s)", flush=True)
+                      f"peak {r['peak_gib']:5.1f} GiB  (warm-up {r['warmup_s']:.0f} s, "
+                      f"{r['compiled_graphs']} compiled graphs)", flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"  {label} {mode}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
                 traceback.print_exc(limit=3)
@@ -313,6 +315,7 @@ def main():
             finally:
                 model = teacher = None  # noqa: F841
                 torch._dynamo.reset()
+                torch._dynamo.utils.counters.clear()
                 cleanup()
     base = {r["mode"]: r for r in results if r["row"].startswith("a") and "ms" in r}
     print(f"\nQAT step, DiT-XL/2, batch {args.batch}, bf16 autocast, AdamW, A{args.bits} "
