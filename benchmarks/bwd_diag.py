@@ -19,27 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from robuq.kernels import quant_ops  # noqa: E402
 from robuq.kernels.quant_ops import rotate_quantize_backward  # noqa: E402
-from robuq.kernels.rotation import _factors_cpu, reference_rotate, rotation_layout  # noqa: E402
-
-
-def reference(x, dy, signs, k, alpha, bits=2):
-    """(dx, dL/dalpha per token) of the LSQ straight-through backward (triton_quant's docstring), float64."""
-    lay = rotation_layout(k, "kronecker", None)
-    y = reference_rotate(x.double(), signs.double(), k, "kronecker", None)
-    qn, qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
-    st_raw = y.pow(2).mean(-1, keepdim=True).sqrt()
-    st = st_raw.clamp_min(quant_ops.EPS)
-    s = alpha * st
-    v = y / s
-    inr = (v >= -qn) & (v <= qp)
-    q = torch.round(v.clamp(-qn, qp))
-    g = dy.double()
-    gs = (g * (q - torch.where(inr, v, 0))).sum(-1, keepdim=True)
-    d = torch.where(inr, g, 0) + gs * alpha / (k * st) * y
-    a, b = _factors_cpu(k, "kronecker", None)
-    a, b = a[: lay.rows, : lay.rows].to(x.device), b.to(x.device)
-    dx = (a @ d.reshape(-1, lay.rows, lay.P) @ b.T).reshape(d.shape) / lay.sqrt_n * signs.double()
-    return dx, (gs * st)[:, 0]
+from robuq.kernels.rotation import reference_rms_backward, rotation_layout  # noqa: E402
 
 
 def one(k, stages, per_sm, m):
@@ -54,7 +34,7 @@ def one(k, stages, per_sm, m):
     runs = [rotate_quantize_backward(x, dy, signs, lay, alpha, 2, True, 1) for _ in range(2)]
     torch.cuda.synchronize()
     dx, ga = runs[0]
-    rdx, rga = reference(x, dy, signs, k, 0.5)
+    rdx, rga = reference_rms_backward(x, dy, signs, k, 0.5, eps=quant_ops.EPS)
     rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
     return dict(K=k, stages=stages, per_sm=per_sm, M=m, finite=bool(torch.isfinite(dx).all() and torch.isfinite(ga).all()),
                 deterministic=bool(torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])),

@@ -75,14 +75,16 @@ def _compile(model, how):
 
 def run_row(name, model, teacher, bs, steps, mode):
     """Time one training step (fwd + bwd + AdamW) in ``mode``: "eager", "compile-regional",
-    "compile-full" or "graph" (the whole step captured once in a CUDA graph and replayed: GPU time
-    without host launch overhead)."""
-    graph = mode == "graph"
+    "compile-full", "graph" (the whole step captured once in a CUDA graph and replayed: GPU time
+    without host launch overhead) or "compile-graph" (per-block compile, then the whole step as
+    one CUDA graph)."""
+    graph = mode in ("graph", "compile-graph")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=graph)
-    fwd = _compile(model, mode.removeprefix("compile-")) if mode.startswith("compile") else model
+    how = {"compile-full": "full", "compile-regional": "regional", "compile-graph": "regional"}.get(mode)
+    fwd = _compile(model, how) if how else model
     tfwd = None
     if teacher is not None:
-        tfwd = _compile(teacher, mode.removeprefix("compile-")) if mode.startswith("compile") else teacher
+        tfwd = _compile(teacher, how) if how else teacher
     x, t, y, target = batch(bs)
 
     def step():
@@ -263,7 +265,7 @@ def compile_smoke(bits):
         torch._dynamo.reset()
 
 
-MODES = ("eager", "compile-regional", "compile-full", "graph")
+MODES = ("eager", "compile-regional", "compile-full", "graph", "compile-graph")
 
 
 def main():
@@ -271,7 +273,8 @@ def main():
     ap.add_argument("--rows", nargs="*", default=["a", "b", "c", "d"])
     ap.add_argument("--modes", nargs="*", default=["eager"], choices=MODES,
                     help="eager; torch.compile per block (regional) or of the whole model (full); the whole "
-                         "step as one CUDA graph (graph). Row b runs eager only.")
+                         "step as one CUDA graph (graph), also after per-block compile (compile-graph). "
+                         "Row b runs eager only.")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--bits", type=int, default=2)

@@ -47,6 +47,9 @@ PROGRAMS_PER_SM = 8
 # bf16 input: keep the token tile and the sign pattern in bf16 (exact: the signs are +-1) instead
 # of fp32, halving their registers (benchmarks/quant_sweep.py --x16 compares both).
 X16_TILES = True
+# Rotate the gradient back with one bf16 product per factor (False) or the exact hi/lo split (True).
+# dx leaves the kernel in bf16 anyway; the split doubled the backward's tensor-core work.
+GRAD_SPLIT = False
 NUM_WARPS: dict[int, int] = {}
 NUM_STAGES: dict[str, int | None] = {"forward": 1, "backward": 1}  # None: the compiler default
 
@@ -163,6 +166,7 @@ def rotate_quantize_backward(
         tq.rotq_bwd_kernel[grid](
             x, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
             m, triton_cdiv(m, grid[0]), x.stride(0), grad.stride(0), 1 if alpha.numel() > 1 else 0,
-            num_warps=_warps(lay), RELOAD=_reload(lay, backward=True), STAGES=NUM_STAGES["backward"], **_common(lay, bits, signed, mode, x.dtype, split),
+            num_warps=_warps(lay), RELOAD=_reload(lay, backward=True), STAGES=NUM_STAGES["backward"],
+            GSPLIT=GRAD_SPLIT or x.dtype != torch.bfloat16, **_common(lay, bits, signed, mode, x.dtype, split),
         )
     return dx, ga

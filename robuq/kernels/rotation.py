@@ -121,3 +121,22 @@ def reference_rotate(x: torch.Tensor, signs: torch.Tensor, dim: int, kind: str, 
     a = a[: lay.rows, : lay.rows] if lay.has_left else torch.eye(lay.rows, dtype=torch.float64)
     Y = a.T.to(x.device) @ X @ b.to(x.device)
     return (Y / lay.sqrt_n).reshape(x.shape)
+
+
+def reference_rms_backward(x, dy, signs, dim: int, alpha: float, bits: int = 2, eps: float = 1e-6):
+    """(dx, dL/dalpha per token) of the signed per-token rms LSQ straight-through backward of a
+    Kronecker rotation (``triton_quant``'s docstring), in float64 (checks and diagnostics only)."""
+    lay = rotation_layout(dim, "kronecker", None)
+    y = reference_rotate(x.double(), signs.double(), dim, "kronecker", None)
+    qn, qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    st = y.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(eps)
+    v = y / (alpha * st)
+    inr = (v >= -qn) & (v <= qp)
+    q = torch.round(v.clamp(-qn, qp))
+    g = dy.double()
+    gs = (g * (q - torch.where(inr, v, 0))).sum(-1, keepdim=True)
+    d = torch.where(inr, g, 0) + gs * alpha / (dim * st) * y
+    a, b = _factors_cpu(dim, "kronecker", None)
+    a, b = a[: lay.rows, : lay.rows].to(x.device), b.to(x.device)
+    dx = (a @ d.reshape(-1, lay.rows, lay.P) @ b.T).reshape(d.shape) / lay.sqrt_n * signs.double()
+    return dx, (gs * st)[:, 0]

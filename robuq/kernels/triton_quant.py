@@ -18,8 +18,10 @@ tensor ``q * s_t`` (QAT forward) or ``q`` (bf16 codes for the A6-A8 bf16 GEMM), 
 Several quantizers that share one input and one rotation (q/k/v projections) are served by one
 launch: ``G`` alpha rows give ``G`` code tensors from a single read and rotation of x.
 
-The backward kernel recomputes the rotation from x (nothing but x, s_t inputs and int8 codes is
-saved) and applies the LSQ straight-through gradient:
+The backward kernel recomputes the rotation from x exactly as the forward did (so the clamp masks
+and codes are the forward's), applies the LSQ straight-through gradient, and rotates the gradient
+back; ``GSPLIT=False`` rounds the gradient to bf16 before each product of that last rotation (a
+bf16 gradient, like any bf16 matmul's backward, at half the tensor-core work):
 
     gs_t   = sum_i G_i (q_i - m_i v_i)                         (dL/ds_t)
     dy_i   = G_i m_i + gs_t * alpha_t * dstat/dy_i             (dynamic; stat > eps)
@@ -196,6 +198,7 @@ def rotq_bwd_kernel(
     ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr,
+    GSPLIT: tl.constexpr,
 ):
     # B (Sylvester) is symmetric, so the transposed rotation is A dy B: no B^T needed.
     pid = tl.program_id(0)
@@ -254,11 +257,11 @@ def rotq_bwd_kernel(
         if ROTATE:
             if HAS_LEFT:
                 if R_FIRST:
-                    dx = _right(_left(LT, dy, True, DOT_DT), R, True, DOT_DT)
+                    dx = _right(_left(LT, dy, GSPLIT, DOT_DT), R, GSPLIT, DOT_DT)
                 else:
-                    dx = _left(LT, _right(dy, R, True, DOT_DT), True, DOT_DT)
+                    dx = _left(LT, _right(dy, R, GSPLIT, DOT_DT), GSPLIT, DOT_DT)
             else:
-                dx = _right(dy, R, True, DOT_DT)
+                dx = _right(dy, R, GSPLIT, DOT_DT)
             dx = dx / SQRT_N
         else:
             dx = dy

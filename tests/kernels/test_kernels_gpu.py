@@ -12,8 +12,9 @@ if torch.cuda.is_available():
     from robuq.deploy.pack import pack_ternary
     from robuq.kernels.gemm import packed_gemm, raw_fp8_accumulate, scaled_mm_rowwise
     from robuq.kernels.qat import use_fused_kernels
-    from robuq.kernels.quant_ops import rotate_quantize
-    from robuq.kernels.rotation import rotation_layout
+    from robuq.kernels import quant_ops
+    from robuq.kernels.quant_ops import rotate_quantize, rotate_quantize_backward
+    from robuq.kernels.rotation import reference_rms_backward, rotation_layout
     from robuq.kernels.ternary import ternary_weight
     from robuq.quant import QuantConfig, quantize_
     from robuq.quant.hadamard import HadamardRotation
@@ -54,6 +55,24 @@ def test_rotate_quantize_vs_float64(dim, kind, bs, dtype, bits, mode):
         s = res["s"][g]
         torch.testing.assert_close(s.double(), a * stat[:, 0], rtol=2e-5, atol=0)
         torch.testing.assert_close(res["out"][g], (res["i8"][g].float() * s[:, None]).bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [1152, 4608, 192, 4096])
+@pytest.mark.parametrize("grad_split", [False, True])
+def test_rotate_quantize_backward_vs_float64(k, grad_split, monkeypatch):
+    """The LSQ backward kernel on bf16 input against float64: the gradient rotated back with bf16
+    products (the default) or the exact split; dx is returned in bf16 either way."""
+    monkeypatch.setattr(quant_ops, "GRAD_SPLIT", grad_split)
+    torch.manual_seed(0)
+    x = torch.randn(300, k, device=DEV).bfloat16()
+    dy = torch.randn_like(x)
+    signs = torch.where(torch.rand(k, device=DEV) < 0.5, -1.0, 1.0)
+    alpha = torch.full((1,), 0.5, device=DEV)
+    dx, ga = rotate_quantize_backward(x, dy, signs, rotation_layout(k, "kronecker", None), alpha, 2, True, 1)
+    rdx, rga = reference_rms_backward(x, dy, signs, k, 0.5, eps=quant_ops.EPS)
+    assert torch.isfinite(dx).all() and torch.isfinite(ga).all()
+    assert rel(dx, rdx) < (4e-3 if grad_split else 8e-3)
+    assert rel(ga, rga) < 1e-3
 
 
 @pytest.mark.parametrize("k,n,qmax", [(1152, 1152, 2), (4608, 1152, 8), (1152, 4608, 16), (4608, 3456, 16)])
