@@ -25,6 +25,7 @@ from robuq.kernels.rotation import reference_rms_backward, rotation_layout  # no
 def one(k, stages, per_sm, m):
     quant_ops.NUM_STAGES["backward"] = stages or None
     quant_ops.PROGRAMS_PER_SM = per_sm
+    quant_ops.PROGRAMS_PER_SM_BY_TILE.clear()
     torch.manual_seed(0)
     x = torch.randn(m, k, device="cuda").bfloat16()
     dy = torch.randn_like(x)

@@ -43,6 +43,7 @@ def main():
     bw = 2 * x.numel() * 2 / (copy * 1e-3)  # bytes/s, read + write
     print(f"GPU {torch.cuda.get_device_name()} | copy {bw / 1e12:.2f} TB/s")
     rows = []
+    quant_ops.PROGRAMS_PER_SM_BY_TILE.clear()  # the sweep sets PROGRAMS_PER_SM for every tile
     for k in args.dims:
         lay = rotation_layout(k, "kronecker", None)
         tile = lay.MP * lay.P

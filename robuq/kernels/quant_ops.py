@@ -39,11 +39,13 @@ def _sm_count(index: int) -> int:
 
 
 # Launch settings, swept on an H100 by benchmarks/quant_sweep.py (docs/PERFORMANCE.md): persistent
-# programs per SM; warps per program by token tile size MP * P (4 everywhere: at K = 4608 8 warps
-# took 2x longer, 16 warps 4x); software-pipelining depth of the per-token loop. Two stages sped
-# the K = 1152 backward up (95 -> 70 us at 8192 tokens) but are not validated on the GPU, so
-# pipelining stays off.
+# programs per SM (8; 4 for the [64, 128] tile of K = 4608, where registers allow no more and 8
+# queued programs were 5% slower); warps per program by token tile size MP * P (4 everywhere: at
+# K = 4608 8 warps took 2x longer, 16 warps 4x); software-pipelining depth of the per-token loop.
+# Two stages sped the K = 1152 backward up (95 -> 70 us at 8192 tokens) but are not validated on
+# the GPU, so pipelining stays off.
 PROGRAMS_PER_SM = 8
+PROGRAMS_PER_SM_BY_TILE: dict[int, int] = {64 * 128: 4}
 # bf16 input: keep the token tile and the sign pattern in bf16 (exact: the signs are +-1) instead
 # of fp32, halving their registers (benchmarks/quant_sweep.py --x16 compares both).
 X16_TILES = True
@@ -54,10 +56,11 @@ NUM_WARPS: dict[int, int] = {}
 NUM_STAGES: dict[str, int | None] = {"forward": 1, "backward": 1}  # None: the compiler default
 
 
-def _grid(m: int, device: torch.device) -> tuple[int]:
+def _grid(m: int, device: torch.device, lay: RotationLayout) -> tuple[int]:
     if tq.INTERPRET or device.type != "cuda":
         return (max(1, min(m, 2)),)
-    return (max(1, min(m, _sm_count(device.index or 0) * PROGRAMS_PER_SM)),)
+    per_sm = PROGRAMS_PER_SM_BY_TILE.get(lay.MP * lay.P, PROGRAMS_PER_SM)
+    return (max(1, min(m, _sm_count(device.index or 0) * per_sm)),)
 
 
 def _warps(lay: RotationLayout) -> int:
@@ -120,7 +123,7 @@ def rotate_quantize(
     st = torch.empty(m, device=dev, dtype=torch.float32) if want_stat else dummy
     if m:
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, dev, _factor_dtype())
-        grid = _grid(m, dev)
+        grid = _grid(m, dev, lay)
         tq.rotq_fwd_kernel[grid](
             x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st,
             m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
@@ -162,7 +165,7 @@ def rotate_quantize_backward(
     ga = torch.empty(m, device=x.device, dtype=torch.float32)
     if m:
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, x.device, _factor_dtype())
-        grid = _grid(m, x.device)
+        grid = _grid(m, x.device, lay)
         tq.rotq_bwd_kernel[grid](
             x, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
             m, triton_cdiv(m, grid[0]), x.stride(0), grad.stride(0), 1 if alpha.numel() > 1 else 0,
