@@ -35,6 +35,8 @@ def main():
     ap.add_argument("--per_sm", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--x16", action="store_true", help="also time the fp32 token tile (X16_TILES off)")
     ap.add_argument("--grad_split", action="store_true", help="also time the exact (hi/lo) gradient rotation")
+    ap.add_argument("--stages", type=int, nargs="+", default=[1],
+                    help="software-pipelining depth of the token loop (quant_ops.NUM_STAGES, both directions)")
     args = ap.parse_args()
     m = args.tokens
     x = torch.empty(m, 8192, device="cuda", dtype=torch.bfloat16)
@@ -52,21 +54,22 @@ def main():
         signs = torch.ones(k, device="cuda")
         alpha = torch.full((1, 1), 0.5, device="cuda")
         floor_f, floor_b = (m * k * 3) / bw * 1e6, (m * k * 6) / bw * 1e6  # us
-        for warps, per_sm, reload, split, x16, gsplit in itertools.product(
+        for warps, per_sm, reload, split, x16, gsplit, stages in itertools.product(
                 args.warps, args.per_sm, (False, True) if args.reload else (False,), (True, False),
-                (True, False) if args.x16 else (True,), (False, True) if args.grad_split else (False,)):
+                (True, False) if args.x16 else (True,), (False, True) if args.grad_split else (False,), args.stages):
             quant_ops.NUM_WARPS[tile], quant_ops.PROGRAMS_PER_SM = warps, per_sm
             quant_ops.X16_TILES, quant_ops.GRAD_SPLIT = x16, gsplit
+            quant_ops.NUM_STAGES.update(forward=stages, backward=stages)
             quant_ops.RELOAD_ABOVE.update(forward=0 if reload else 1 << 30, backward=0 if reload else 1 << 30)
             try:
                 fwd = gbench(lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, split=split)) * 1e3
                 bwd = gbench(lambda: rotate_quantize_backward(x, dy, signs, lay, alpha.reshape(1), 2, True, 1,
                                                               split=split)) * 1e3
             except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory / registers)
-                print(f"K={k} warps={warps} per_sm={per_sm} reload={reload} split={split} x16={x16} grad_split={gsplit}: "
+                print(f"K={k} warps={warps} per_sm={per_sm} reload={reload} split={split} x16={x16} grad_split={gsplit} stages={stages}: "
                       f"{type(e).__name__}")
                 continue
-            rows.append(dict(K=k, warps=warps, programs_per_sm=per_sm, reload=reload, split=split, x16=x16, grad_split=gsplit,
+            rows.append(dict(K=k, warps=warps, programs_per_sm=per_sm, reload=reload, split=split, x16=x16, grad_split=gsplit, stages=stages,
                              fwd_us=round(fwd, 1), bwd_us=round(bwd, 1), fwd_floor_us=round(floor_f, 1),
                              bwd_floor_us=round(floor_b, 1)))
             print(json.dumps(rows[-1]), flush=True)
@@ -78,9 +81,9 @@ def main():
             bf = min(sub, key=lambda r: r["fwd_us"])
             bb = min(sub, key=lambda r: r["bwd_us"])
             print(f"best K={k} split={split} x16={x16} grad_split={gsplit}: fwd {bf['fwd_us']} us (floor {bf['fwd_floor_us']}) with "
-                  f"warps={bf['warps']} per_sm={bf['programs_per_sm']} reload={bf['reload']}; "
+                  f"warps={bf['warps']} per_sm={bf['programs_per_sm']} reload={bf['reload']} stages={bf['stages']}; "
                   f"bwd {bb['bwd_us']} us (floor {bb['bwd_floor_us']}) with warps={bb['warps']} "
-                  f"per_sm={bb['programs_per_sm']} reload={bb['reload']}")
+                  f"per_sm={bb['programs_per_sm']} reload={bb['reload']} stages={bb['stages']}")
     if args.json:
         json.dump(dict(copy_tb_s=bw / 1e12, rows=rows), open(args.json, "w"), indent=1)
 
