@@ -41,9 +41,10 @@ def _sm_count(index: int) -> int:
 # Launch settings, swept on an H100 by benchmarks/quant_sweep.py (docs/PERFORMANCE.md): persistent
 # programs per SM (8; 4 for the [64, 128] tile of K = 4608, where registers allow no more and 8
 # queued programs were 5% slower); warps per program by token tile size MP * P (4 everywhere: at
-# K = 4608 8 warps took 2x longer, 16 warps 4x); software-pipelining depth of the per-token loop.
-# Two stages sped the K = 1152 backward up (95 -> 70 us at 8192 tokens) but are not validated on
-# the GPU, so pipelining stays off.
+# K = 4608 8 warps took 2x longer, 16 warps 4x); software-pipelining depth of the per-token loop:
+# two stages in the backward (the next token's x and dy load while this one computes: 66 -> 60 us
+# at K = 1152, 324 -> 278 us at K = 4608; finite, deterministic and within 4e-3 of float64 in
+# benchmarks/bwd_diag.py), one in the forward (two were 3-10% slower there).
 PROGRAMS_PER_SM = 8
 PROGRAMS_PER_SM_BY_TILE: dict[int, int] = {64 * 128: 4}
 # bf16 input: keep the token tile and the sign pattern in bf16 (exact: the signs are +-1) instead
@@ -53,7 +54,7 @@ X16_TILES = True
 # dx leaves the kernel in bf16 anyway; the split doubled the backward's tensor-core work.
 GRAD_SPLIT = False
 NUM_WARPS: dict[int, int] = {}
-NUM_STAGES: dict[str, int | None] = {"forward": 1, "backward": 1}  # None: the compiler default
+NUM_STAGES: dict[str, int | None] = {"forward": 1, "backward": 2}  # None: the compiler default
 
 
 def _grid(m: int, device: torch.device, lay: RotationLayout) -> tuple[int]:
