@@ -43,8 +43,9 @@ def _sm_count(index: int) -> int:
 # queued programs were 5% slower); warps per program by token tile size MP * P (4 everywhere: at
 # K = 4608 8 warps took 2x longer, 16 warps 4x); software-pipelining depth of the per-token loop:
 # two stages in the backward (the next token's x and dy load while this one computes: 66 -> 60 us
-# at K = 1152, 324 -> 278 us at K = 4608; finite, deterministic and within 4e-3 of float64 in
-# benchmarks/bwd_diag.py), one in the forward (two were 3-10% slower there).
+# at K = 1152, 324 -> 278 us at K = 4608 with bf16 input; finite, deterministic and within 4e-3
+# of float64 in benchmarks/bwd_diag.py), except for fp32 input at the [64, 128] tile, where the
+# prefetched fp32 tile cost registers (0.42 -> 0.69 ms); one in the forward (two were 3-10% slower).
 PROGRAMS_PER_SM = 8
 PROGRAMS_PER_SM_BY_TILE: dict[int, int] = {64 * 128: 4}
 # bf16 input: keep the token tile and the sign pattern in bf16 (exact: the signs are +-1) instead
@@ -62,6 +63,12 @@ def _grid(m: int, device: torch.device, lay: RotationLayout) -> tuple[int]:
         return (max(1, min(m, 2)),)
     per_sm = PROGRAMS_PER_SM_BY_TILE.get(lay.MP * lay.P, PROGRAMS_PER_SM)
     return (max(1, min(m, _sm_count(device.index or 0) * per_sm)),)
+
+
+def _stages(lay: RotationLayout, x_dtype: torch.dtype, backward: bool) -> int | None:
+    if backward and x_dtype == torch.float32 and lay.MP * lay.P >= 64 * 128:
+        return 1
+    return NUM_STAGES["backward" if backward else "forward"]
 
 
 def _warps(lay: RotationLayout) -> int:
@@ -128,7 +135,7 @@ def rotate_quantize(
         tq.rotq_fwd_kernel[grid](
             x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st,
             m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
-            G=g, RELOAD=_reload(lay, backward=False), STAGES=NUM_STAGES["forward"],
+            G=g, RELOAD=_reload(lay, backward=False), STAGES=_stages(lay, x.dtype, backward=False),
             W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
             num_warps=_warps(lay), **_common(lay, bits, signed, mode, x.dtype, split),
         )
@@ -170,7 +177,7 @@ def rotate_quantize_backward(
         tq.rotq_bwd_kernel[grid](
             x, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
             m, triton_cdiv(m, grid[0]), x.stride(0), grad.stride(0), 1 if alpha.numel() > 1 else 0,
-            num_warps=_warps(lay), RELOAD=_reload(lay, backward=True), STAGES=NUM_STAGES["backward"],
+            num_warps=_warps(lay), RELOAD=_reload(lay, backward=True), STAGES=_stages(lay, x.dtype, backward=True),
             GSPLIT=GRAD_SPLIT or x.dtype != torch.bfloat16, **_common(lay, bits, signed, mode, x.dtype, split),
         )
     return dx, ga

@@ -58,13 +58,14 @@ def test_rotate_quantize_vs_float64(dim, kind, bs, dtype, bits, mode):
 
 
 @pytest.mark.parametrize("k", [1152, 4608, 192, 4096])
-@pytest.mark.parametrize("grad_split", [False, True])
-def test_rotate_quantize_backward_vs_float64(k, grad_split, monkeypatch):
-    """The LSQ backward kernel on bf16 input against float64: the gradient rotated back with bf16
-    products (the default) or the exact split; dx is returned in bf16 either way."""
+@pytest.mark.parametrize("grad_split,dtype", [(False, torch.bfloat16), (True, torch.bfloat16), (True, torch.float32)])
+def test_rotate_quantize_backward_vs_float64(k, grad_split, dtype, monkeypatch):
+    """The LSQ backward kernel against float64: bf16 input with the gradient rotated back by bf16
+    products (the default) or the exact split (dx returned in bf16 either way); fp32 input (always
+    the exact split, dx in fp32)."""
     monkeypatch.setattr(quant_ops, "GRAD_SPLIT", grad_split)
     torch.manual_seed(0)
-    x = torch.randn(300, k, device=DEV).bfloat16()
+    x = torch.randn(300, k, device=DEV).to(dtype)
     dy = torch.randn_like(x)
     signs = torch.where(torch.rand(k, device=DEV) < 0.5, -1.0, 1.0)
     alpha = torch.full((1,), 0.5, device=DEV)
