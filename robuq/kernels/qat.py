@@ -8,7 +8,9 @@ Forward: the kernel reads x once and writes ``q * s_t`` in the compute dtype (th
 kept for the weight gradient as a plain bf16 linear keeps its input) and the per-token step s_t.
 Saved for backward: x (shared with every other consumer of the same input: q/k/v share it), the
 16-bit GEMM input, s_t, the ternary weight; never the reference's fp32 rotated intermediates.
-Backward recomputes the rotation from x inside the backward kernel. (Saving int8 codes instead of
+Backward recomputes the rotation from x inside the backward kernel. Under bf16 autocast an fp32
+input (a LayerNorm output) is rounded to bf16 as the kernel loads it, which is what autocast does
+to any linear's input, and runs the kernels' faster bf16 tile. (Saving int8 codes instead of
 the GEMM input saves 1 byte per element but costs a dequantize pass per layer in backward: on the
 H100 that pass was ~15 ms of a 164 ms DiT-XL/2 step, docs/PERFORMANCE.md.)
 
@@ -60,7 +62,7 @@ def _rotq_fwd_impl(
     """x [M, K] -> (q * s_t [M, K] out_dtype, s_t [M] fp32); alpha [M] or [1]."""
     lay = _layout(x.shape[1], kind, block_size)
     r = rotate_quantize(x, signs, lay, alpha.reshape(1, -1), bits, signed, mode, out="scaled",
-                        out_dtype=_DTYPES[out_dtype])
+                        out_dtype=_DTYPES[out_dtype], round_to_bf16=out_dtype == "bfloat16")
     return r["out"][0], r["s"][0]
 
 
@@ -75,18 +77,19 @@ def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype):
 
 def _rotq_bwd_impl(
     x: torch.Tensor, grad: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
-    bits: int, signed: bool, mode: int,
+    bits: int, signed: bool, mode: int, out_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx [M, K] in x's dtype, per-token dL/dalpha [M] fp32)."""
     lay = _layout(x.shape[1], kind, block_size)
-    return rotate_quantize_backward(x, grad, signs, lay, alpha.reshape(-1), bits, signed, mode)
+    return rotate_quantize_backward(x, grad, signs, lay, alpha.reshape(-1), bits, signed, mode,
+                                    round_to_bf16=out_dtype == "bfloat16")
 
 
 rotq_bwd = torch.library.custom_op("robuq::rotq_bwd", _rotq_bwd_impl, mutates_args=())
 
 
 @rotq_bwd.register_fake
-def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode):
+def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype):
     return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
@@ -124,7 +127,7 @@ class FusedQuantLinearFn(torch.autograd.Function):
         dw = dy.t() @ out
         db = dy.sum(0) if ctx.has_bias else None
         bwd = torch.ops.robuq.rotq_bwd if torch.compiler.is_compiling() else _rotq_bwd_impl
-        dx, ga = bwd(x2, dout, signs, alpha_t, kind, block_size, bits, signed, mode)
+        dx, ga = bwd(x2, dout, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt))
         _, qp = qrange(bits, signed)
         g = 1.0 / math.sqrt(x2.numel() / groups * max(qp, 1))
         if groups > 1:

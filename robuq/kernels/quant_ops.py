@@ -85,6 +85,13 @@ def _reload(lay: RotationLayout, backward: bool) -> bool:
     return lay.MP * lay.P > RELOAD_ABOVE["backward" if backward else "forward"]
 
 
+def _tile_dtype(x: torch.Tensor, round_to_bf16: bool) -> torch.dtype:
+    """The dtype the kernel treats x as: bf16 also for fp32 x rounded on load."""
+    if round_to_bf16 and x.dtype == torch.float32 and not tq.INTERPRET:
+        return torch.bfloat16
+    return x.dtype
+
+
 def _common(lay: RotationLayout, bits: int, signed: bool, mode: int, x_dtype: torch.dtype, split: bool):
     qn, qp = qrange(bits, signed)
     return dict(
@@ -111,10 +118,13 @@ def rotate_quantize(
     out_dtype: torch.dtype = torch.bfloat16,
     want_stat: bool = False,
     split: bool = True,
+    round_to_bf16: bool = False,
 ) -> dict[str, torch.Tensor]:
     """x [M, K] -> codes for each of the G rows of ``alpha`` ([G, M] per token, or [G, 1]).
 
-    Returns a dict with 's' [G, M] fp32 and, as asked, 'i8' / 'f8' / 'out' [G, M, K] and 'stat' [M].
+    ``round_to_bf16``: round an fp32 x to bf16 as it is loaded (what bf16 autocast does to a
+    linear's input), which runs the faster bf16 tile. Returns a dict with 's' [G, M] fp32 and, as
+    asked, 'i8' / 'f8' / 'out' [G, M, K] and 'stat' [M].
     """
     if x.dim() != 2 or x.shape[1] != lay.dim:
         raise ValueError(f"rotate_quantize expects [M, {lay.dim}], got {tuple(x.shape)}")
@@ -130,14 +140,15 @@ def rotate_quantize(
     o = torch.empty(g, m, k, device=dev, dtype=out_dtype) if out else dummy
     st = torch.empty(m, device=dev, dtype=torch.float32) if want_stat else dummy
     if m:
+        tdt = _tile_dtype(x, round_to_bf16)
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, dev, _factor_dtype())
         grid = _grid(m, dev, lay)
         tq.rotq_fwd_kernel[grid](
             x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st,
             m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
-            G=g, RELOAD=_reload(lay, backward=False), STAGES=_stages(lay, x.dtype, backward=False),
+            G=g, RELOAD=_reload(lay, backward=False), STAGES=_stages(lay, tdt, backward=False),
             W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
-            num_warps=_warps(lay), **_common(lay, bits, signed, mode, x.dtype, split),
+            num_warps=_warps(lay), **_common(lay, bits, signed, mode, tdt, split),
         )
     if want_i8:
         res["i8"] = i8
@@ -160,10 +171,12 @@ def rotate_quantize_backward(
     signed: bool,
     mode: int,
     split: bool = True,
+    round_to_bf16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx [M, K] in x's dtype, ga [M] fp32 = per-token dL/dalpha) for the LSQ straight-through gradient.
 
-    ``alpha`` is [M] per token or [1]; ``grad`` is dL/d(fake-quantized output) [M, K].
+    ``alpha`` is [M] per token or [1]; ``grad`` is dL/d(fake-quantized output) [M, K];
+    ``round_to_bf16`` must be what the forward used (the rotation is recomputed from x).
     """
     x = x.contiguous()
     grad = grad.contiguous()
@@ -172,12 +185,13 @@ def rotate_quantize_backward(
     dx = torch.empty_like(x)
     ga = torch.empty(m, device=x.device, dtype=torch.float32)
     if m:
+        tdt = _tile_dtype(x, round_to_bf16)
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, x.device, _factor_dtype())
         grid = _grid(m, x.device, lay)
         tq.rotq_bwd_kernel[grid](
             x, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
             m, triton_cdiv(m, grid[0]), x.stride(0), grad.stride(0), 1 if alpha.numel() > 1 else 0,
-            num_warps=_warps(lay), RELOAD=_reload(lay, backward=True), STAGES=_stages(lay, x.dtype, backward=True),
-            GSPLIT=GRAD_SPLIT or x.dtype != torch.bfloat16, **_common(lay, bits, signed, mode, x.dtype, split),
+            num_warps=_warps(lay), RELOAD=_reload(lay, backward=True), STAGES=_stages(lay, tdt, backward=True),
+            GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16, **_common(lay, bits, signed, mode, tdt, split),
         )
     return dx, ga

@@ -57,11 +57,11 @@ def _load_signs(SIGNS, offs, mask, X16: tl.constexpr):
 
 @triton.jit
 def _signed_token(ptrs, mask, sg, X16: tl.constexpr):
-    """x * d for one token tile. X16 (bf16 input, bf16 dot): stays bf16, exact (d is +-1), which
-    halves the registers of the tile and the sign pattern held across tokens."""
+    """x * d for one token tile. X16 (bf16 dot; x bf16, or fp32 rounded to bf16 here): a bf16
+    tile, exact (d is +-1), which halves the registers of the tile and of the sign pattern."""
     x = tl.load(ptrs, mask=mask, other=0.0)
     if X16:
-        x = x * sg
+        x = x.to(tl.bfloat16) * sg
     else:
         x = x.to(tl.float32) * sg
     return x

@@ -205,6 +205,26 @@ def test_fused_qat_step_in_a_cuda_graph_follows_eager():
         assert not torch.equal(pe, net.get_parameter(name)), name  # the steps did move the weights
 
 
+def test_fused_qat_rounds_fp32_input_like_autocast():
+    """Under bf16 autocast the fused layer rounds an fp32 input to bf16 as it loads it: the same
+    output as the bf16-rounded input (bit for bit), and gradients through the rounding's STE."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1152, 4608)).to(DEV)
+    quantize_(net, QuantConfig(include=["0"], act_bits=2))
+    x = torch.randn(4, 64, 1152, device=DEV)
+    net(x)
+    use_fused_kernels(net)
+    x32, x16 = x.clone().requires_grad_(), x.bfloat16().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y32, y16 = net(x32), net(x16)
+    assert torch.equal(y32, y16)
+    gy = torch.randn_like(y16)
+    g32, = torch.autograd.grad(y32, x32, gy)
+    g16, = torch.autograd.grad(y16, x16, gy)
+    assert g32.dtype == torch.float32
+    assert rel(g32, g16.float()) < 1e-2  # fp32 vs bf16 dx output, same bf16 gradient rotation
+
+
 def test_fused_qat_fp32_stays_on_the_reference_path():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(1152, 1152)).to(DEV)
