@@ -44,8 +44,9 @@ def _sm_count(index: int) -> int:
 # K = 4608 8 warps took 2x longer, 16 warps 4x); software-pipelining depth of the per-token loop:
 # two stages in the backward (the next token's x and dy load while this one computes: 66 -> 60 us
 # at K = 1152, 324 -> 278 us at K = 4608 with bf16 input; finite, deterministic and within 4e-3
-# of float64 in benchmarks/bwd_diag.py), except for fp32 input at the [64, 128] tile, where the
-# prefetched fp32 tile cost registers (0.42 -> 0.69 ms); one in the forward (two were 3-10% slower).
+# of float64 in benchmarks/bwd_diag.py), except for an fp32 [64, 128] tile (fp32 or fp16 x),
+# where the prefetched tile cost registers (0.42 -> 0.69 ms); one in the forward (two were 3-10%
+# slower).
 PROGRAMS_PER_SM = 8
 PROGRAMS_PER_SM_BY_TILE: dict[int, int] = {64 * 128: 4}
 # bf16 input: keep the token tile and the sign pattern in bf16 (exact: the signs are +-1) instead
@@ -66,7 +67,7 @@ def _grid(m: int, device: torch.device, lay: RotationLayout) -> tuple[int]:
 
 
 def _stages(lay: RotationLayout, x_dtype: torch.dtype, backward: bool) -> int | None:
-    if backward and x_dtype == torch.float32 and lay.MP * lay.P >= 64 * 128:
+    if backward and x_dtype != torch.bfloat16 and lay.MP * lay.P >= 64 * 128:
         return 1
     return NUM_STAGES["backward" if backward else "forward"]
 
