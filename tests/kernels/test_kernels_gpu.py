@@ -23,6 +23,20 @@ if torch.cuda.is_available():
 DEV = "cuda"
 
 
+@pytest.fixture(autouse=True)
+def poisoned_allocator():
+    """Fill the caching allocator's free memory with 0xFF bytes before each test (NaN in every
+    floating dtype here, -1 in int8), so an output element a kernel fails to write shows up instead
+    of a stale value left by an earlier call."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    large = torch.full((1 << 28,), -1, dtype=torch.int32, device=DEV)  # 1 GiB, split for large tensors
+    small = [torch.full((1 << 17,), -1, dtype=torch.int32, device=DEV) for _ in range(32)]  # small pool
+    torch.cuda.synchronize()
+    del large, small
+    yield
+
+
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
