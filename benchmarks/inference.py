@@ -39,11 +39,10 @@ from robuq.kernels.gemm import PACKED_CONFIGS, packed_gemm, scaled_mm_rowwise  #
 from robuq.deploy.pack import pack_ternary  # noqa: E402
 from robuq.kernels.quant_ops import rotate_quantize  # noqa: E402
 from robuq.kernels.rotation import rotation_layout  # noqa: E402
+from robuq.models import DIT_XL_2_256 as XL  # noqa: E402
 from robuq.quant import QuantConfig, quantize_  # noqa: E402
 
 DEV = "cuda"
-XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-          sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
 
 
 def bench(fn, rep=200) -> float:

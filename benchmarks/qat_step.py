@@ -29,11 +29,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import gbench  # noqa: E402
+from robuq.models import DIT_XL_2_256 as XL  # noqa: E402
 from robuq.quant import QuantConfig, quantize_  # noqa: E402
 
 DEV = "cuda"
-XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-          sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
 
 
 def build_xl():

@@ -11,6 +11,12 @@ from safetensors import safe_open
 from torch import nn
 
 
+# DiT-XL/2 at 256 px (``facebook/DiT-XL-2-256``'s transformer): hidden 1152 = 16 heads x 72, 28 blocks,
+# 32x32x4 latents in patches of 2, learned sigma (8 output channels), 1000 classes.
+DIT_XL_2_256 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                    sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+
+
 def build_dit(config: dict) -> DiTTransformer2DModel:
     """A randomly initialised DiT from diffusers config kwargs (e.g. DiT-XL/2: 16 heads x 72, 28 layers)."""
     try:

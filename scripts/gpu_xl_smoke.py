@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 from PIL import Image
 
 from robuq.data.prepare import prepare
+from robuq.models import DIT_XL_2_256
 
 work = Path(sys.argv[1])
 images = work / "images"
@@ -27,9 +28,7 @@ summary = prepare(str(images), str(work / "latents"), vae=str(work / "vae"), ima
                   batch_size=32, num_workers=2, device="cuda")
 print("prepare:", summary)
 
-xl = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-          sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
-DiTTransformer2DModel(**xl).save_pretrained(work / "dit_xl2")
+DiTTransformer2DModel(**DIT_XL_2_256).save_pretrained(work / "dit_xl2")
 cmd = [sys.executable, "train.py", "fit", "--config", "configs/imagenet_dit_xl2_w158a2.yaml",
        "--model.teacher", str(work / "dit_xl2"), "--model.teacher_subfolder", "null",
        "--data.init_args.root", str(work / "latents"), "--data.init_args.expected_vae", str(work / "vae"),

@@ -122,3 +122,13 @@ def test_fused_kernels_switch(tmp_path):
                                    plain.student(x, timestep=t, class_labels=y).sample, rtol=0, atol=0)
     with pytest.raises(ValueError, match="fused_kernels applies to task 'qat'"):
         DiTModule(task="pretrain", teacher=str(path), fused_kernels=True)
+
+
+def test_imagenet_config_is_dit_xl2():
+    """The ImageNet config's model block and the benchmarks' DiT-XL/2 (robuq.models.DIT_XL_2_256) agree."""
+    import yaml
+
+    from robuq.models import DIT_XL_2_256
+
+    config = yaml.safe_load((ROOT / "configs/imagenet_dit_xl2_w158a2.yaml").read_text())
+    assert config["model"]["model"] == DIT_XL_2_256
