@@ -1,4 +1,5 @@
-"""A bit plan as a picture: rows = transformer blocks, columns = layer kinds, colour = bits."""
+"""A bit plan as a picture: rows = transformer blocks, columns = layer kinds, colour = bits; and
+``save_plan``, which writes a searched plan with its picture."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import matplotlib
 import numpy as np
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
+
+from robuq.quant import BitPlan
 
 KINDS = {
     "attn1.to_q": "q",
@@ -75,3 +78,15 @@ def save_heatmap(bits: dict[str, int], path: str | Path, candidates: list[int], 
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+
+
+def save_plan(bits: dict[str, int], path: str | Path, *, label: str, budget: float, weighting: str,
+              candidates: list[int] | None, method: str, source: str, average_bits: float, report: dict,
+              weights: dict[str, float], note: str = "") -> None:
+    """Write a searched plan (``fit --model.plan``) to ``path`` and its heatmap beside it (``.png``),
+    titled "<label> <method>: budget, weighting, average bits" (+ ``note`` on a second line)."""
+    BitPlan(bits=bits, budget=budget, weighting=weighting, candidates=candidates, method=method, source=source,
+            extra={"search": report}).save(path)
+    title = f"{label} {method}: budget {budget:g} ({weighting}), average {average_bits:.3f} bits"
+    save_heatmap(bits, Path(path).with_suffix(".png"), candidates or sorted(set(bits.values())),
+                 title + (f"\n{note}" if note else ""), weights if weighting == "macs" else None)

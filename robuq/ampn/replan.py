@@ -12,8 +12,7 @@ import json
 from pathlib import Path
 
 from robuq.ampn.allocate import METHODS, allocate
-from robuq.ampn.heatmap import save_heatmap
-from robuq.quant import BitPlan
+from robuq.ampn.heatmap import save_plan
 
 TABLES = ("qat", "ptq")
 
@@ -56,11 +55,9 @@ def replan(table_path: str, out: str | None = None, budget: float = 2.0, table: 
                   qat_predicted_loss_increase=sum(qat[n][b] for n, b in best.bits.items()) if len(qat) == len(macs) else None,
                   average_bits=best.average_bits, base_bits=saved.get("base_bits"), base_loss=saved.get("base_loss"),
                   **best.detail)
-    BitPlan(bits=best.bits, budget=budget, weighting=weighting, candidates=saved.get("candidates"), method=method,
-            source=f"{saved.get('source')} ({table} table of {path})", extra={"search": report}).save(out)
-    save_heatmap(best.bits, Path(out).with_suffix(".png"), saved.get("candidates") or sorted({*best.bits.values()}),
-                 f"{'AMPN' if table == 'qat' else 'PTQ-guided'} {method}: budget {budget:g} ({weighting}), "
-                 f"average {best.average_bits:.3f} bits", weights if weighting == "macs" else None)
+    save_plan(best.bits, out, label="AMPN" if table == "qat" else "PTQ-guided", budget=budget, weighting=weighting,
+              candidates=saved.get("candidates"), method=method, source=f"{saved.get('source')} ({table} table of {path})",
+              average_bits=best.average_bits, report=report, weights=weights)
     return dict(plan=str(out), **report)
 
 

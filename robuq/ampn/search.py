@@ -21,7 +21,7 @@ from rich.console import Console
 from torch import nn
 
 from robuq.ampn.allocate import METHODS, allocate, check_feasible, constrain
-from robuq.ampn.heatmap import save_heatmap
+from robuq.ampn.heatmap import save_plan
 from robuq.ampn.sensitivity import (
     Batch,
     SensitivityCache,
@@ -39,7 +39,7 @@ from robuq.ampn.sensitivity import (
 from robuq.checkpoint import atomic_torch_save, safe_load
 from robuq.diffusion import NUM_TRAIN_TIMESTEPS, Schedule
 from robuq.models import disable_label_dropout, dit_forward, load_dit, num_classes
-from robuq.quant import BitPlan, QuantConfig, act_bits, quant_layers, quantize_, set_act_bits
+from robuq.quant import QuantConfig, act_bits, quant_layers, quantize_, set_act_bits
 from robuq.quant.plan import PLAN_BITS
 
 console = Console(stderr=True, soft_wrap=True)
@@ -317,6 +317,7 @@ def search(
 
     # --- allocation, its cross-check and comparisons
     kw = dict(pinned=pinned, min_bits=min_bits, max_states=max_states)
+    plan_kw = dict(budget=budget, weighting=weighting, candidates=candidates, method=method, weights=weights)
     best = allocate(table, weights, budget, method, **kw)
     other = allocate(table, weights, budget, "lagrangian" if method == "dp" else "dp", **kw)
     report = dict(base_bits=base, base_loss=base_loss, predicted_loss_increase=best.predicted,
@@ -328,12 +329,8 @@ def search(
         report["ptq_guided"] = dict(layers_differing=sum(guided.bits[n] != b for n, b in best.bits.items()),
                                     predicted_loss_increase=sum(table[n][b] for n, b in guided.bits.items()),
                                     average_bits=guided.average_bits, plan="plan_ptq.yaml")
-        BitPlan(bits=guided.bits, budget=budget, weighting=weighting, candidates=candidates, method=method,
-                source=f"{source} (PTQ sensitivity of the FP teacher)", extra={"search": report["ptq_guided"]}
-                ).save(out / "plan_ptq.yaml")
-        save_heatmap(guided.bits, out / "plan_ptq.png", candidates,
-                     f"PTQ-guided {method}: budget {budget:g} ({weighting}), average {guided.average_bits:.3f} bits",
-                     weights if weighting == "macs" else None)
+        save_plan(guided.bits, out / "plan_ptq.yaml", label="PTQ-guided", average_bits=guided.average_bits,
+                  source=f"{source} (PTQ sensitivity of the FP teacher)", report=report["ptq_guided"], **plan_kw)
     if verify:
         changed = [n for n, b in best.bits.items() if b != base]
         set_act_bits(student, {n: best.bits[n] for n in changed}, reinit=True)
@@ -342,12 +339,8 @@ def search(
             adapt(student, changed)
         report["measured_loss_increase"] = distill_loss(student, held) - reference
 
-    BitPlan(bits=best.bits, budget=budget, weighting=weighting, candidates=candidates, method=method,
-            source=source, extra={"search": report}).save(out / "plan.yaml")
-    save_heatmap(best.bits, out / "plan.png", candidates,
-                 f"AMPN {method}: budget {budget:g} ({weighting}), average {best.average_bits:.3f} bits\n"
-                 f"predicted loss increase {best.predicted:+.2e} over A{base} ({base_loss:.2e})",
-                 weights if weighting == "macs" else None)
+    save_plan(best.bits, out / "plan.yaml", label="AMPN", average_bits=best.average_bits, source=source, report=report,
+              note=f"predicted loss increase {best.predicted:+.2e} over A{base} ({base_loss:.2e})", **plan_kw)
     return dict(plan=str(out / "plan.yaml"), heatmap=str(out / "plan.png"), table=str(cache.path), **report,
                 wall_time_s=round(time.time() - start, 1))
 
