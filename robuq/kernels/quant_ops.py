@@ -179,6 +179,9 @@ def rotate_quantize_backward(
     ``alpha`` is [M] per token or [1]; ``grad`` is dL/d(fake-quantized output) [M, K];
     ``round_to_bf16`` must be what the forward used (the rotation is recomputed from x).
     """
+    if x.dim() != 2 or x.shape[1] != lay.dim or grad.shape != x.shape:
+        raise ValueError(f"rotate_quantize_backward expects x and grad [M, {lay.dim}], got {tuple(x.shape)} "
+                         f"and {tuple(grad.shape)}")
     x = x.contiguous()
     grad = grad.contiguous()
     m, k = x.shape

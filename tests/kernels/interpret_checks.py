@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from robuq.deploy.pack import pack_ternary  # noqa: E402
 from robuq.kernels.gemm import packed_gemm  # noqa: E402
 from robuq.kernels.qat import use_fused_kernels  # noqa: E402
-from robuq.kernels.quant_ops import rotate_quantize  # noqa: E402
+from robuq.kernels.quant_ops import rotate_quantize, rotate_quantize_backward  # noqa: E402
 from robuq.kernels.rotation import reference_rotate, rotation_layout  # noqa: E402
 from robuq.kernels.ternary import ternary_weight  # noqa: E402
 from robuq.quant import QuantConfig, quantize_  # noqa: E402
@@ -71,6 +71,24 @@ def check_ternary():
     print("ternary ok")
 
 
+def check_bad_shapes():
+    lay = rotation_layout(192, "kronecker", None)
+    signs, alpha = torch.ones(192), torch.ones(1, 1)
+    for call, words in [
+        (lambda: rotate_quantize(torch.zeros(4, 190), signs, lay, alpha, 2, True, 1), "expects [M, 192]"),
+        (lambda: rotate_quantize_backward(torch.zeros(4, 192), torch.zeros(4, 190), signs, lay, alpha[0], 2, True, 1),
+         "expects x and grad [M, 192]"),
+        (lambda: ternary_weight(torch.zeros(8), torch.float32), "must be 2-D"),
+    ]:
+        try:
+            call()
+        except ValueError as e:
+            assert words in str(e), e
+        else:
+            raise AssertionError(f"no error for {words}")
+    print("bad shapes ok")
+
+
 def check_qat():
     torch.manual_seed(0)
     cfgs = [dict(act_bits=2), dict(act_bits=4, act_stat="absmax"), dict(act_bits=3, act_mode="static"),
@@ -103,6 +121,7 @@ if __name__ == "__main__":
     check_layouts()
     check_packed_gemm()
     check_ternary()
+    check_bad_shapes()
     check_qat()
     print("OK")
     sys.exit(0)
