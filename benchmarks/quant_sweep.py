@@ -7,6 +7,8 @@ bytes floor (read x bf16, write e4m3 codes; backward: read x and dy, write dx) a
 
 --x16 also times the fp32 token tile (quant_ops.X16_TILES off) against the default bf16 tile;
 --grad_split the exact gradient rotation (quant_ops.GRAD_SPLIT) against the bf16 one.
+--kinds block none also times the block-diagonal H_128 rotation and no rotation at all, which says
+how much of a kernel's time the rotation products take (at K = 4608 all three use the same tile).
 """
 
 import argparse
@@ -37,6 +39,8 @@ def main():
     ap.add_argument("--grad_split", action="store_true", help="also time the exact (hi/lo) gradient rotation")
     ap.add_argument("--stages", type=int, nargs="+", default=[1],
                     help="software-pipelining depth of the token loop (quant_ops.NUM_STAGES, both directions)")
+    ap.add_argument("--kinds", nargs="+", default=["kronecker"], choices=["kronecker", "block", "none"],
+                    help="rotation of the token (block: block-diagonal H_128)")
     args = ap.parse_args()
     m = args.tokens
     x = torch.empty(m, 8192, device="cuda", dtype=torch.bfloat16)
@@ -46,8 +50,8 @@ def main():
     print(f"GPU {torch.cuda.get_device_name()} | copy {bw / 1e12:.2f} TB/s")
     rows = []
     quant_ops.PROGRAMS_PER_SM_BY_TILE.clear()  # the sweep sets PROGRAMS_PER_SM for every tile
-    for k in args.dims:
-        lay = rotation_layout(k, "kronecker", None)
+    for k, kind in itertools.product(args.dims, args.kinds):
+        lay = rotation_layout(k, kind, 128 if kind == "block" else None)
         tile = lay.MP * lay.P
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         dy = torch.randn_like(x)
@@ -66,21 +70,21 @@ def main():
                 bwd = gbench(lambda: rotate_quantize_backward(x, dy, signs, lay, alpha.reshape(1), 2, True, 1,
                                                               split=split)) * 1e3
             except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory / registers)
-                print(f"K={k} warps={warps} per_sm={per_sm} reload={reload} split={split} x16={x16} grad_split={gsplit} stages={stages}: "
+                print(f"K={k} kind={kind} warps={warps} per_sm={per_sm} reload={reload} split={split} x16={x16} grad_split={gsplit} stages={stages}: "
                       f"{type(e).__name__}")
                 continue
-            rows.append(dict(K=k, warps=warps, programs_per_sm=per_sm, reload=reload, split=split, x16=x16, grad_split=gsplit, stages=stages,
+            rows.append(dict(K=k, kind=kind, warps=warps, programs_per_sm=per_sm, reload=reload, split=split, x16=x16, grad_split=gsplit, stages=stages,
                              fwd_us=round(fwd, 1), bwd_us=round(bwd, 1), fwd_floor_us=round(floor_f, 1),
                              bwd_floor_us=round(floor_b, 1)))
             print(json.dumps(rows[-1]), flush=True)
     quant_ops.NUM_WARPS.clear()
     quant_ops.X16_TILES, quant_ops.GRAD_SPLIT = True, False
-    for k, split, x16, gsplit in itertools.product(args.dims, (True, False), (True, False), (False, True)):
-        sub = [r for r in rows if r["K"] == k and r["split"] == split and r["x16"] == x16 and r["grad_split"] == gsplit]
+    for k, kind, split, x16, gsplit in itertools.product(args.dims, args.kinds, (True, False), (True, False), (False, True)):
+        sub = [r for r in rows if r["K"] == k and r["kind"] == kind and r["split"] == split and r["x16"] == x16 and r["grad_split"] == gsplit]
         if sub:
             bf = min(sub, key=lambda r: r["fwd_us"])
             bb = min(sub, key=lambda r: r["bwd_us"])
-            print(f"best K={k} split={split} x16={x16} grad_split={gsplit}: fwd {bf['fwd_us']} us (floor {bf['fwd_floor_us']}) with "
+            print(f"best K={k} kind={kind} split={split} x16={x16} grad_split={gsplit}: fwd {bf['fwd_us']} us (floor {bf['fwd_floor_us']}) with "
                   f"warps={bf['warps']} per_sm={bf['programs_per_sm']} reload={bf['reload']} stages={bf['stages']}; "
                   f"bwd {bb['bwd_us']} us (floor {bb['bwd_floor_us']}) with warps={bb['warps']} "
                   f"per_sm={bb['programs_per_sm']} reload={bb['reload']} stages={bb['stages']}")
