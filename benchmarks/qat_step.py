@@ -3,7 +3,10 @@
 Rows (issue 7):
   a  plain bf16 DiT-XL/2 step (fwd + bwd + AdamW): the baseline
   b  QAT student, pure-torch reference path (robuq.quant)
-  c  QAT student, fused Triton path (robuq.kernels.qat.use_fused_kernels)
+  c  QAT student, fused Triton path (robuq.kernels.qat.use_fused_kernels: forward GEMMs on fp8
+     tensor cores where the GPU has them, one rotate+quantize launch for q, k and v of each attention)
+  c16  (c) with the forward GEMMs in bf16 (robuq.kernels.qat.FP8_FORWARD = False)
+  c3   (c) with q, k and v quantized by three launches (diffusers' own attention processor)
   d  full QAT step: frozen bf16 teacher forward + (c) with the distillation MSE
 
     python benchmarks/qat_step.py [--rows a b c d] [--modes eager compile-regional graph] [--steps 10]
@@ -281,6 +284,7 @@ def main():
     ap.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
     ap.add_argument("--compile-smoke", action="store_true", help="check torch.compile on a small fused model")
     args = ap.parse_args()
+    from robuq.kernels import qat
     from robuq.kernels.qat import use_fused_kernels
 
     print(f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | batch {args.batch} | A{args.bits}")
@@ -293,15 +297,24 @@ def main():
         for row in args.rows:
             if row == "b" and mode != "eager":
                 continue  # the reference path is the slow baseline; 3.4x eager (docs/PERFORMANCE.md)
-            label = {"a": "a plain bf16", "b": "b QAT reference", "c": "c QAT fused", "d": "d QAT fused + teacher"}[row]
+            label = {"a": "a plain bf16", "b": "b QAT reference", "c": "c QAT fused", "c16": "c16 fused, bf16 fwd GEMM",
+                     "c3": "c3 fused, q/k/v apart",
+                     "d": "d QAT fused + teacher"}[row]
+            qat.FP8_FORWARD = row != "c16"
             try:
                 teacher = None
                 if row == "a":
                     model = build_xl().train()
                 else:
                     model = make_student(args.bits)
-                    if row in ("c", "d"):
+                    if row in ("c", "c16", "c3", "d"):
                         fused = use_fused_kernels(model)
+                        if row == "c3":
+                            from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+                            for m in model.modules():
+                                if isinstance(m, Attention):
+                                    m.set_processor(AttnProcessor2_0())
                         print(f"  {label}: {sum(fused.values())}/{len(fused)} layers fused")
                     if row == "d":
                         teacher = build_xl().to(torch.bfloat16).eval().requires_grad_(False)

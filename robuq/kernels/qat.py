@@ -2,10 +2,14 @@
 forward, one for its backward, a ternary weight cached per optimizer step, and low-precision
 saved tensors.
 
-    y = Q(rotate(x)) @ T(W')^T + b
+    y = Q(rotate(x)) @ T(W')^T + b  =  s_t * s_w * (q @ t^T) + b      (q, t integers)
 
-Forward: the kernel reads x once and writes ``q * s_t`` in the compute dtype (the GEMM input,
-kept for the weight gradient as a plain bf16 linear keeps its input) and the per-token step s_t.
+Forward: the kernel reads x once and writes ``q * s_t`` in the compute dtype (kept for the weight
+gradient, as a plain bf16 linear keeps its input) and the per-token step s_t. On fp8 GPUs (sm_89+,
+``FP8_FORWARD``) it also writes the codes q in e4m3 and the forward GEMM runs on fp8 tensor cores:
+codes |q| <= 16 and ternary t are exact in e4m3 and accumulate in fp32, so the product is the exact
+integer one, scaled per token and per channel (and biased) in cuBLAS's epilogue; elsewhere the
+forward multiplies the 16-bit fake-quant tensors.
 Saved for backward: x (shared with every other consumer of the same input: q/k/v share it), the
 16-bit GEMM input, s_t, the ternary weight; never the reference's fp32 rotated intermediates.
 Backward recomputes the rotation from x inside the backward kernel. Under bf16 autocast an fp32
@@ -35,17 +39,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robuq.quant.context import current_timestep_groups
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
 from robuq.quant.linear import QuantLinear
 from robuq.quant.lsq import qrange
 from robuq.quant.ternary import ternary_codes
 
 from . import triton_quant as tq
+from .gemm import scaled_mm_rowwise
 from .quant_ops import mode_id, rotate_quantize, rotate_quantize_backward
 from .rotation import rotation_kind, rotation_layout
 from .ternary import ternary_weight
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Forward GEMM of bf16-autocast layers on fp8 tensor cores where the GPU has them (see the module
+# docstring); False multiplies the bf16 fake-quant tensors instead (benchmarks compare both).
+FP8_FORWARD = True
 
 
 def _layout(dim: int, kind: str, block_size: int):
@@ -57,31 +66,33 @@ def _layout(dim: int, kind: str, block_size: int):
 
 def _rotq_fwd_impl(
     x: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
-    bits: int, signed: bool, mode: int, out_dtype: str,
+    bits: int, signed: bool, mode: int, out_dtype: str, want_f8: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (q * s_t [M, K] out_dtype, s_t [M] fp32); alpha [M] or [1]."""
+    """x [M, K], alpha [G, M or 1] -> (q * s_t [G, M, K] out_dtype, q [G, M, K] e4m3 (if want_f8, else
+    empty), s_t [G, M] fp32)."""
     lay = _layout(x.shape[1], kind, block_size)
-    r = rotate_quantize(x, signs, lay, alpha.reshape(1, -1), bits, signed, mode, out="scaled",
+    r = rotate_quantize(x, signs, lay, alpha, bits, signed, mode, out="scaled", want_f8=want_f8,
                         out_dtype=_DTYPES[out_dtype], round_to_bf16=out_dtype == "bfloat16")
-    return r["out"][0], r["s"][0]
+    return r["out"], r["f8"] if want_f8 else x.new_empty(0, dtype=torch.float8_e4m3fn), r["s"]
 
 
 rotq_fwd = torch.library.custom_op("robuq::rotq_fwd", _rotq_fwd_impl, mutates_args=())
 
 
 @rotq_fwd.register_fake
-def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype):
-    m, k = x.shape
-    return x.new_empty(m, k, dtype=_DTYPES[out_dtype]), x.new_empty(m, dtype=torch.float32)
+def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8):
+    (m, k), g = x.shape, alpha.shape[0]
+    f8 = x.new_empty((g, m, k) if want_f8 else (0,), dtype=torch.float8_e4m3fn)
+    return x.new_empty(g, m, k, dtype=_DTYPES[out_dtype]), f8, x.new_empty(g, m, dtype=torch.float32)
 
 
 def _rotq_bwd_impl(
     x: torch.Tensor, grad: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
     bits: int, signed: bool, mode: int, out_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx [M, K] in x's dtype, per-token dL/dalpha [M] fp32)."""
+    """grad [G, M, K], alpha [G, M or 1] -> (dx [M, K] in x's dtype, per-token dL/dalpha [G, M] fp32)."""
     lay = _layout(x.shape[1], kind, block_size)
-    return rotate_quantize_backward(x, grad, signs, lay, alpha.reshape(-1), bits, signed, mode,
+    return rotate_quantize_backward(x, grad, signs, lay, alpha, bits, signed, mode,
                                     round_to_bf16=out_dtype == "bfloat16")
 
 
@@ -90,7 +101,7 @@ rotq_bwd = torch.library.custom_op("robuq::rotq_bwd", _rotq_bwd_impl, mutates_ar
 
 @rotq_bwd.register_fake
 def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype):
-    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
+    return torch.empty_like(x), x.new_empty(grad.shape[0], x.shape[0], dtype=torch.float32)
 
 
 # ---- the autograd function -------------------------------------------------------------------
@@ -101,44 +112,66 @@ def _dtype_name(dt: torch.dtype) -> str:
 
 
 class FusedQuantLinearFn(torch.autograd.Function):
-    """(x2 [M, K], latent weight, bias, LSQ step, cached T(W'), alpha per token, group id per token,
-    static spec, rotation signs) -> y [M, N]."""
+    """G quantized linears that read the same input x2 [M, K] (G = 1, or q/k/v of an attention):
+    one rotate+quantize launch with G quantizers, G GEMMs; backward: G GEMM pairs, one launch.
+
+    apply(x2, alpha_t [G, M or 1], group id per token, static spec, rotation signs, T(W') per layer,
+    e4m3 codes and scales of T(W') per layer (None: bf16 forward GEMM), *(G latent weights, G biases,
+    G LSQ steps)) -> G outputs [M, N_g].
+    """
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, step, wq, alpha_t, group_of_token, spec, signs):
+    def forward(ctx, x2, alpha_t, group_of_token, spec, signs, wq, w8, w_scale, *params):
         kind, block_size, bits, signed, mode, groups, cdt = spec
+        n = len(wq)
+        weights, biases = params[:n], params[n:2 * n]
         # eager calls the implementation directly (a custom op costs tens of us of host time per
         # call); under torch.compile the registered op keeps the kernel opaque to the tracer
         fwd = torch.ops.robuq.rotq_fwd if torch.compiler.is_compiling() else _rotq_fwd_impl
-        out, _ = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt))
-        y = F.linear(out, wq, None if bias is None else bias.to(cdt))
-        ctx.save_for_backward(x2, out, wq, alpha_t, step, group_of_token, signs)
+        fp8 = w8[0] is not None
+        out, q8, s = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), fp8)
+        ys = []
+        for i in range(n):
+            b = None if biases[i] is None else biases[i].to(cdt)
+            ys.append(scaled_mm_rowwise(q8[i], w8[i], s[i], w_scale[i], b, out_dtype=cdt) if fp8
+                      else F.linear(out[i], wq[i], b))
+        ctx.save_for_backward(x2, out, alpha_t, group_of_token, signs, *wq, *params[2 * n:])
         ctx.spec = spec
-        ctx.has_bias = bias is not None
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return y
+        ctx.bias_dtypes = [None if bi is None else bi.dtype for bi in biases]
+        ctx.weight_dtypes = [w.dtype for w in weights]
+        return tuple(ys)
 
     @staticmethod
-    def backward(ctx, dy):
-        x2, out, wq, alpha_t, step, group_of_token, signs = ctx.saved_tensors
+    def backward(ctx, *dys):
+        x2, out, alpha_t, group_of_token, signs, *rest = ctx.saved_tensors
         kind, block_size, bits, signed, mode, groups, cdt = ctx.spec
-        dy = dy.to(cdt)
-        dout = dy @ wq
-        dw = dy.t() @ out
-        db = dy.sum(0) if ctx.has_bias else None
+        n = len(dys)
+        wq, steps = rest[:n], rest[n:]
+        dys = [torch.zeros(x2.shape[0], w.shape[0], device=x2.device, dtype=cdt) if dy is None else dy.to(cdt)
+               for dy, w in zip(dys, wq)]
+        if n == 1:
+            dout = (dys[0] @ wq[0]).unsqueeze(0)
+        elif torch.compiler.is_compiling():
+            dout = torch.stack([dy @ w for dy, w in zip(dys, wq)])
+        else:  # straight into the [G, M, K] input of the backward kernel
+            dout = x2.new_empty(n, *x2.shape, dtype=cdt)
+            for i in range(n):
+                torch.mm(dys[i], wq[i], out=dout[i])
+        dws = [(dy.t() @ out[i]).to(wdt) for i, (dy, wdt) in enumerate(zip(dys, ctx.weight_dtypes))]
+        dbs = [None if bdt is None else dy.sum(0).to(bdt) for dy, bdt in zip(dys, ctx.bias_dtypes)]
         bwd = torch.ops.robuq.rotq_bwd if torch.compiler.is_compiling() else _rotq_bwd_impl
         dx, ga = bwd(x2, dout, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt))
         _, qp = qrange(bits, signed)
         g = 1.0 / math.sqrt(x2.numel() / groups * max(qp, 1))
         if groups > 1:
-            dalpha = torch.zeros(groups, device=ga.device, dtype=torch.float32).index_add_(0, group_of_token, ga)
+            dalpha = torch.zeros(n, groups, device=ga.device, dtype=torch.float32).index_add_(1, group_of_token, ga)
         else:
-            dalpha = ga.sum().reshape(1)
-        sd = step.detach()
-        dstep = dalpha * g * torch.sign(sd) * (sd.abs() >= 1e-8)
-        wdt, bdt = ctx.dtypes
-        db = None if db is None else db.to(bdt)
-        return dx, dw.to(wdt), db, dstep.to(step.dtype), None, None, None, None, None
+            dalpha = ga.sum(1, keepdim=True)
+        dsteps = []
+        for i, step in enumerate(steps):
+            sd = step.detach()
+            dsteps.append((dalpha[i] * g * torch.sign(sd) * (sd.abs() >= 1e-8)).to(step.dtype))
+        return (dx, None, None, None, None, None, None, None, *dws, *dbs, *dsteps)
 
 
 # ---- module glue --------------------------------------------------------------------------------
@@ -151,29 +184,55 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 @torch.no_grad()
-def cached_ternary_weight(layer: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
-    """T(W') in ``dtype``, recomputed only when the latent weight changed (once per optimizer step)."""
+def cached_ternary_weight(layer: QuantLinear, dtype: torch.dtype, fp8: bool = False):
+    """``_ternary_weight_uncached``, recomputed only when the latent weight changed (once per
+    optimizer step)."""
     w = layer.weight
-    key = (w._version, w.data_ptr(), dtype)
+    key = (w._version, w.data_ptr(), dtype, fp8)
     cache = getattr(layer, "_robuq_wq", None)
     if cache is not None and cache[0] == key:
         return cache[1]
-    wq = _ternary_weight_uncached(layer, dtype)
+    wq = _ternary_weight_uncached(layer, dtype, fp8)
     layer._robuq_wq = (key, wq)
     return wq
 
 
-def _ternary_weight_uncached(layer: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
-    """T(W') in ``dtype``: the one-pass Triton kernel for per-channel scales (eager and CUDA-graph
-    capture), torch ops under torch.compile (Inductor fuses them) and for per-tensor scales."""
+def _ternary_weight_uncached(layer: QuantLinear, dtype: torch.dtype, fp8: bool = False):
+    """(T(W') in ``dtype``, e4m3 codes [N, K], scale [N] fp32) with T(W') = codes * scale exactly; the
+    last two only for ``fp8``, else None. The one-pass Triton kernel for per-channel scales (eager
+    and CUDA-graph capture), torch ops under torch.compile (Inductor fuses them) and per tensor."""
     w = layer.weight.detach()
     wq_cfg = layer.weight_quant
     if wq_cfg is None:
-        return w.to(dtype)
+        return w.to(dtype), None, None
     if wq_cfg.granularity == "channel" and not torch.compiler.is_compiling():
-        return ternary_weight(w, dtype, wq_cfg.eps)
+        if fp8:
+            return ternary_weight(w, dtype, wq_cfg.eps, codes=True)
+        return ternary_weight(w, dtype, wq_cfg.eps), None, None
     codes, scale = ternary_codes(w, wq_cfg.granularity, wq_cfg.eps)
-    return (codes * scale).to(dtype)
+    scale = scale.to(dtype)
+    if not fp8:
+        return (codes * scale).to(dtype), None, None
+    return (codes * scale).to(dtype), codes.to(torch.float8_e4m3fn), scale.float().expand(w.shape[0], 1).reshape(-1)
+
+
+_FP8_GPUS: dict[int, bool] = {}  # device index -> has fp8 tensor cores (a plain dict: torch.compile traces it)
+
+
+def _has_fp8(index: int) -> bool:
+    if index not in _FP8_GPUS:
+        _FP8_GPUS[index] = torch.cuda.get_device_capability(index) >= (8, 9)
+    return _FP8_GPUS[index]
+
+
+def _fp8_forward(layer: QuantLinear, x2: torch.Tensor, cdt: torch.dtype) -> bool:
+    """Whether the forward GEMM runs exactly on fp8 tensor cores: ternary weights, codes within
+    [-16, 16] (exact in e4m3), bf16 compute, dims that cuBLAS fp8 takes (multiples of 16)."""
+    q = layer.act.quantizer
+    qn, qp = qrange(q.bits, q.signed)
+    return (FP8_FORWARD and x2.is_cuda and cdt == torch.bfloat16 and layer.weight_quant is not None
+            and max(qn, qp) <= 16 and layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+            and _has_fp8(x2.device.index or 0))
 
 
 def fused_supported(layer: QuantLinear) -> bool:
@@ -184,54 +243,114 @@ def fused_supported(layer: QuantLinear) -> bool:
     return rotation_layout(layer.in_features, kind, bs).supported
 
 
-def _fused_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    q = self.act.quantizer
-    if not (q.initialized and (x.is_cuda or tq.INTERPRET)) or x.shape[-1] != self.in_features:
-        return QuantLinear.forward(self, x)
+def _quant_spec(layer: QuantLinear) -> tuple:
+    """What the G layers of one launch must share: input width, quantizer, rotation (and its signs)."""
+    q = layer.act.quantizer
+    kind, bs = rotation_kind(layer.act.rotation)
+    return (layer.in_features, q.bits, q.signed, q.mode, q.stat, q.groups, kind, bs)
+
+
+def can_share_input(layers) -> bool:
+    """Whether ``layers`` (e.g. q, k, v) can run as one fused group: all fused-capable, with the
+    same input width, quantizer settings and rotation (the same random signs)."""
+    first = layers[0]
+    if not all(isinstance(m, QuantLinear) and fused_supported(m) for m in layers):
+        return False
+    if any(_quant_spec(m) != _quant_spec(first) for m in layers):
+        return False
+    rots = [m.act.rotation for m in layers]
+    return all(r is None for r in rots) or all(r is not None and torch.equal(r.signs, rots[0].signs) for r in rots)
+
+
+def fused_linears(layers, x: torch.Tensor) -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]`` for fused QuantLinears that ``can_share_input``, with one
+    rotate+quantize launch (and one in backward) for all of them; each layer's own forward where the
+    fused path cannot serve them (see the module docstring)."""
+    first = layers[0]
+    qs = [m.act.quantizer for m in layers]
     cdt = _compute_dtype(x)
-    if cdt == torch.float32 and not tq.INTERPRET:
+    if (not (all(q.initialized for q in qs) and (x.is_cuda or tq.INTERPRET)) or x.shape[-1] != first.in_features
+            or (cdt == torch.float32 and not tq.INTERPRET)):
         # fp32 training (no autocast) stays on the reference path: on the H100 the fp32 fused
         # backward returned non-finite values at K = 1152 and one fp32 test faulted, probably the
         # n_iter specialisation fault fixed in triton_quant (not re-tested in fp32). The kernels
         # serve 16-bit compute, the setting fast QAT is for (bf16-mixed).
-        return QuantLinear.forward(self, x)
-    kind, bs = rotation_kind(self.act.rotation)
+        return [QuantLinear.forward(m, x) for m in layers]
+    q = qs[0]
+    kind, bs = rotation_kind(first.act.rotation)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, self.in_features)
+    x2 = x.reshape(-1, first.in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    alpha = q.step.detach().abs().clamp_min(1e-8).float()
+    alpha = torch.stack([qi.step.detach().abs().clamp_min(1e-8).float() for qi in qs])  # [G, groups]
     if q.groups > 1:
         ids = q._group_index(x)
         per = x2.shape[0] // x.shape[0]
         group_of_token = ids.repeat_interleave(per)
-        alpha_t = alpha[group_of_token]
+        alpha_t = alpha[:, group_of_token]
     else:
         group_of_token = alpha.new_zeros(0, dtype=torch.long)
-        alpha_t = alpha[:1]
+        alpha_t = alpha[:, :1]
     # traced or captured code must recompute T(W') each call: a replayed CUDA graph or compiled
     # graph never runs the host-side cache check, so a cached weight would go stale after opt.step()
     traced = torch.compiler.is_compiling() or (x2.is_cuda and torch.cuda.is_current_stream_capturing())
-    wq = _ternary_weight_uncached(self, cdt) if traced else cached_ternary_weight(self, cdt)
-    signs = self.act.rotation.signs if self.act.rotation is not None else x2.new_ones(self.in_features)
+    fp8 = all(_fp8_forward(m, x2, cdt) for m in layers)
+    wq, w8, w_scale = zip(*[(_ternary_weight_uncached if traced else cached_ternary_weight)(m, cdt, fp8)
+                            for m in layers])
+    signs = first.act.rotation.signs if first.act.rotation is not None else x2.new_ones(first.in_features)
     spec = (kind, bs or 0, q.bits, q.signed, mode_id(q.mode, q.stat), q.groups, cdt)
-    y = _apply(x2, self.weight, self.bias, q.step, wq, alpha_t, group_of_token, spec, signs)
-    return y.reshape(*lead, self.out_features)
-
-
-def _apply(x2, weight, bias, step, wq, alpha_t, group_of_token, spec, signs):
+    params = [m.weight for m in layers] + [m.bias for m in layers] + [qi.step for qi in qs]
     with torch.autocast(x2.device.type, enabled=False):
-        return FusedQuantLinearFn.apply(x2, weight, bias, step, wq, alpha_t, group_of_token, spec, signs)
+        ys = FusedQuantLinearFn.apply(x2, alpha_t, group_of_token, spec, signs, wq, w8, w_scale, *params)
+    return [y.reshape(*lead, m.out_features) for y, m in zip(ys, layers)]
+
+
+def _fused_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    return fused_linears([self], x)[0]
+
+
+class FusedQKVAttnProcessor(AttnProcessor2_0):
+    """diffusers' ``AttnProcessor2_0`` whose self-attention computes q, k and v with one fused
+    rotate+quantize launch (``fused_linears``): the three projections read the same input through
+    the same rotation. Any other call (cross-attention, masks, 4-D input) is the parent's."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        if (encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3
+                or attn.spatial_norm is not None or attn.group_norm is not None or args or kwargs):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        b = hidden_states.shape[0]
+        q, k, v = [t.view(b, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+                   for t in fused_linears([attn.to_q, attn.to_k, attn.to_v], hidden_states)]
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[3]).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
 
 
 def use_fused_kernels(model: nn.Module, enabled: bool = True) -> dict[str, bool]:
     """Switch the model's QuantLinears to the fused Triton path (or back); returns name -> fused.
 
     The switch is per instance (``layer.forward`` is overridden), so it survives ``.to()`` and
-    ``state_dict`` round trips untouched and needs no change in ``robuq.quant``.
+    ``state_dict`` round trips untouched and needs no change in ``robuq.quant``. Attention modules
+    whose q, k and v projections can share one launch (``can_share_input``) get
+    ``FusedQKVAttnProcessor``; switching back restores their processor.
     """
     done = {}
     for name, m in model.named_modules():
+        if isinstance(m, Attention):
+            old = m.__dict__.pop("_robuq_processor", None)
+            if old is not None:
+                m.set_processor(old)
+            if enabled and can_share_input([m.to_q, m.to_k, m.to_v]):
+                m.__dict__["_robuq_processor"] = m.processor
+                m.set_processor(FusedQKVAttnProcessor())
         if not isinstance(m, QuantLinear):
             continue
         if "forward" in m.__dict__:

@@ -174,28 +174,35 @@ def rotate_quantize_backward(
     split: bool = True,
     round_to_bf16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx [M, K] in x's dtype, ga [M] fp32 = per-token dL/dalpha) for the LSQ straight-through gradient.
+    """(dx [M, K] in x's dtype, ga = per-token dL/dalpha) for the LSQ straight-through gradient.
 
-    ``alpha`` is [M] per token or [1]; ``grad`` is dL/d(fake-quantized output) [M, K];
+    One quantizer: ``grad`` [M, K] = dL/d(fake-quantized output), ``alpha`` [M] per token or [1],
+    ga [M] fp32. G quantizers of the same x (``rotate_quantize`` with G alpha rows): ``grad``
+    [G, M, K], ``alpha`` [G, M] or [G, 1], ga [G, M], and dx sums their gradients.
     ``round_to_bf16`` must be what the forward used (the rotation is recomputed from x).
     """
-    if x.dim() != 2 or x.shape[1] != lay.dim or grad.shape != x.shape:
-        raise ValueError(f"rotate_quantize_backward expects x and grad [M, {lay.dim}], got {tuple(x.shape)} "
-                         f"and {tuple(grad.shape)}")
+    grouped = grad.dim() == 3
+    if x.dim() != 2 or x.shape[1] != lay.dim or grad.shape[grouped:] != x.shape or (
+            grouped and alpha.shape[0] != grad.shape[0]):
+        raise ValueError(f"rotate_quantize_backward expects x [M, {lay.dim}] and grad [M, {lay.dim}] or "
+                         f"[G, M, {lay.dim}] with alpha [G, M or 1], got {tuple(x.shape)}, {tuple(grad.shape)} "
+                         f"and {tuple(alpha.shape)}")
     x = x.contiguous()
     grad = grad.contiguous()
     m, k = x.shape
-    alpha = alpha.float().contiguous()
+    alpha = alpha.float().reshape(grad.shape[0] if grouped else 1, -1).contiguous()
+    g = alpha.shape[0]
     dx = torch.empty_like(x)
-    ga = torch.empty(m, device=x.device, dtype=torch.float32)
+    ga = torch.empty(g, m, device=x.device, dtype=torch.float32)
     if m:
         tdt = _tile_dtype(x, round_to_bf16)
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, x.device, _factor_dtype())
         grid = _grid(m, x.device, lay)
         tq.rotq_bwd_kernel[grid](
             x, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
-            m, triton_cdiv(m, grid[0]), x.stride(0), grad.stride(0), 1 if alpha.numel() > 1 else 0,
+            m, triton_cdiv(m, grid[0]), x.stride(0), grad.stride(-2), alpha.stride(0),
+            1 if alpha.shape[1] > 1 else 0, m * k, G=g,
             num_warps=_warps(lay), RELOAD=_reload(lay, backward=True), STAGES=_stages(lay, tdt, backward=True),
             GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16, **_common(lay, bits, signed, mode, tdt, split),
         )
-    return dx, ga
+    return dx, (ga if grouped else ga[0])

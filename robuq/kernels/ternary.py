@@ -21,7 +21,8 @@ BLOCK = 1024
 
 
 @triton.jit
-def ternary_rows_kernel(W, OUT, K, stride_w, stride_o, EPS: tl.constexpr, BLOCK: tl.constexpr):
+def ternary_rows_kernel(W, OUT, CODES, SCALE, K, stride_w, stride_o, EPS: tl.constexpr, BLOCK: tl.constexpr,
+                        W_CODES: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -29,15 +30,23 @@ def ternary_rows_kernel(W, OUT, K, stride_w, stride_o, EPS: tl.constexpr, BLOCK:
         w = tl.load(W + row * stride_w + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
         acc += tl.abs(w)
     s = tl.maximum(tl.sum(acc, axis=0) / K, EPS)
+    if W_CODES:  # the scale as the compute dtype rounds it: OUT = q * SCALE exactly
+        tl.store(SCALE + row, s.to(OUT.dtype.element_ty).to(tl.float32))
     for k0 in range(0, K, BLOCK):
         m = k0 + cols < K
         w = tl.load(W + row * stride_w + k0 + cols, mask=m, other=0.0).to(tl.float32)
         q = tl.minimum(tl.maximum(_round_half_even(w / s), -1.0), 1.0)
         tl.store(OUT + row * stride_o + k0 + cols, (q * s).to(OUT.dtype.element_ty), mask=m)
+        if W_CODES:
+            tl.store(CODES + row * K + k0 + cols, q.to(tl.float8e4nv), mask=m)
 
 
-def ternary_weight(w: torch.Tensor, dtype: torch.dtype, eps: float = 1e-8) -> torch.Tensor:
-    """T(w) [out, in] in ``dtype`` with a per-output-channel absmean scale (no gradient)."""
+def ternary_weight(w: torch.Tensor, dtype: torch.dtype, eps: float = 1e-8, codes: bool = False):
+    """T(w) [out, in] in ``dtype`` with a per-output-channel absmean scale (no gradient).
+
+    ``codes=True`` returns (T(w), codes [out, in] e4m3 in {-1, 0, 1}, scale [out] fp32) with
+    T(w) = codes * scale exactly (the scale as ``dtype`` rounds it), for the fp8 GEMM.
+    """
     if w.dim() != 2:
         raise ValueError(f"ternary weights must be 2-D [out, in], got shape {tuple(w.shape)}")
     if not (w.is_cuda or INTERPRET):
@@ -46,7 +55,9 @@ def ternary_weight(w: torch.Tensor, dtype: torch.dtype, eps: float = 1e-8) -> to
     if w.stride(1) != 1:
         w = w.contiguous()
     out = torch.empty(w.shape, device=w.device, dtype=dtype)
+    c = torch.empty(w.shape if codes else (0,), device=w.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(w.shape[0] if codes else 0, device=w.device, dtype=torch.float32)
     if w.numel():
-        ternary_rows_kernel[(w.shape[0],)](w, out, w.shape[1], w.stride(0), out.stride(0), EPS=eps, BLOCK=BLOCK,
-                                            num_warps=4)
-    return out
+        ternary_rows_kernel[(w.shape[0],)](w, out, c, scale, w.shape[1], w.stride(0), out.stride(0), EPS=eps,
+                                            BLOCK=BLOCK, W_CODES=codes, num_warps=4)
+    return (out, c, scale) if codes else out

@@ -16,7 +16,8 @@ rounds the intermediate to bf16 once (faster, ~1e-3 relative).
 Outputs (each optional): int8 codes, e4m3 codes (integers |q| <= 16 are exact in e4m3), a dense
 tensor ``q * s_t`` (QAT forward) or ``q`` (bf16 codes for the A6-A8 bf16 GEMM), s_t and stat.
 Several quantizers that share one input and one rotation (q/k/v projections) are served by one
-launch: ``G`` alpha rows give ``G`` code tensors from a single read and rotation of x.
+launch: ``G`` alpha rows give ``G`` code tensors from a single read and rotation of x; the backward
+takes their ``G`` gradients, sums them in the rotated basis and rotates back once.
 
 The backward kernel recomputes the rotation from x exactly as the forward did (so the clamp masks
 and codes are the forward's), applies the LSQ straight-through gradient, and rotates the gradient
@@ -24,7 +25,7 @@ back; ``GSPLIT=False`` rounds the gradient to bf16 before each product of that l
 bf16 gradient, like any bf16 matmul's backward, at half the tensor-core work):
 
     gs_t   = sum_i G_i (q_i - m_i v_i)                         (dL/ds_t)
-    dy_i   = G_i m_i + gs_t * alpha_t * dstat/dy_i             (dynamic; stat > eps)
+    dy_i   = G_i m_i + gs_t * alpha_t * dstat/dy_i             (dynamic; stat > eps; summed over G)
     dx     = (A dy B^T) / sqrt(n) * d                          (the rotation transposed)
     ga_t   = gs_t * stat_t   (dynamic)  or  gs_t  (static)     (per-token dL/dalpha)
 """
@@ -192,9 +193,9 @@ def rotq_fwd_kernel(
 @triton.jit(do_not_specialize=["n_iter"])
 def rotq_bwd_kernel(
     X, GRAD, SIGNS, LEFT, RIGHT, LEFT_T, ALPHA, DX, GA,
-    M, n_iter, stride_x, stride_g, alpha_st,
+    M, n_iter, stride_x, stride_g, alpha_sg, alpha_st, grad_sg,
     ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
-    QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr,
+    QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr,
     ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr,
@@ -229,30 +230,32 @@ def rotq_bwd_kernel(
         y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
         st_raw = _stat(y, MODE, K, EPS)
         st = tl.maximum(st_raw, EPS)
-        alpha = tl.load(ALPHA + t * alpha_st)
-        if MODE == 0:
-            s = alpha
-        else:
-            s = alpha * st
-        v = y / s
-        inr = (v >= -QN) & (v <= QP) & mask
-        q = _quantize(v, QN, QP, SIGN1)
-        gr = tl.load(GRAD + t * stride_g + offs, mask=mtok, other=0.0).to(tl.float32)
-        gs = tl.sum(tl.sum(gr * (q - tl.where(inr, v, 0.0)), axis=1), axis=0)
-        dy = tl.where(inr, gr, 0.0)
-        if MODE == 1:
-            coef = tl.where(st_raw > EPS, gs * alpha / (K * st), 0.0)
-            dy = dy + coef * y
-        elif MODE == 2:
-            ay = tl.abs(y)
-            hit = (ay == st_raw) & mask
+        if MODE == 2:
+            hit = (tl.abs(y) == st_raw) & mask
             cnt = tl.sum(tl.sum(hit.to(tl.float32), axis=1), axis=0)
-            coef = tl.where(st_raw > EPS, gs * alpha / cnt, 0.0)
-            dy = dy + tl.where(hit, tl.where(y >= 0, coef, -coef), 0.0)
-        if MODE == 0:
-            tl.store(GA + t, gs, mask=ok)
-        else:
-            tl.store(GA + t, gs * st, mask=ok)
+        dy = tl.zeros_like(y)  # the G quantizers' gradients, summed in the rotated basis
+        for g in tl.static_range(G):
+            alpha = tl.load(ALPHA + g * alpha_sg + t * alpha_st)
+            if MODE == 0:
+                s = alpha
+            else:
+                s = alpha * st
+            v = y / s
+            inr = (v >= -QN) & (v <= QP) & mask
+            q = _quantize(v, QN, QP, SIGN1)
+            gr = tl.load(GRAD + g * grad_sg + t * stride_g + offs, mask=mtok, other=0.0).to(tl.float32)
+            gs = tl.sum(tl.sum(gr * (q - tl.where(inr, v, 0.0)), axis=1), axis=0)
+            dy += tl.where(inr, gr, 0.0)
+            if MODE == 1:
+                coef = tl.where(st_raw > EPS, gs * alpha / (K * st), 0.0)
+                dy += coef * y
+            elif MODE == 2:
+                coef = tl.where(st_raw > EPS, gs * alpha / cnt, 0.0)
+                dy += tl.where(hit, tl.where(y >= 0, coef, -coef), 0.0)
+            if MODE == 0:
+                tl.store(GA + g * M + t, gs, mask=ok)
+            else:
+                tl.store(GA + g * M + t, gs * st, mask=ok)
         # transpose of the rotation: dx = A dy B^T / sqrt(n), times the signs
         if ROTATE:
             if HAS_LEFT:

@@ -77,7 +77,7 @@ def check_bad_shapes():
     for call, words in [
         (lambda: rotate_quantize(torch.zeros(4, 190), signs, lay, alpha, 2, True, 1), "expects [M, 192]"),
         (lambda: rotate_quantize_backward(torch.zeros(4, 192), torch.zeros(4, 190), signs, lay, alpha[0], 2, True, 1),
-         "expects x and grad [M, 192]"),
+         "expects x [M, 192] and grad [M, 192]"),
         (lambda: ternary_weight(torch.zeros(8), torch.float32), "must be 2-D"),
     ]:
         try:
@@ -117,11 +117,48 @@ def check_qat():
     print("qat ok")
 
 
+def check_fused_qkv():
+    """q, k and v of a diffusers Attention as one fused group (one launch each way, three LSQ
+    quantizers) against the reference layers: outputs and every gradient."""
+    from diffusers.models.attention_processor import Attention
+
+    from robuq.kernels.qat import FusedQKVAttnProcessor
+
+    for cfg in [dict(act_bits=3), dict(act_bits=2, timestep_groups=2)]:
+        torch.manual_seed(1)
+        attn = Attention(query_dim=192, heads=4, dim_head=48, bias=True)
+        quantize_(attn, QuantConfig(include=["to_q", "to_k", "to_v", "to_out.0"], **cfg))
+        attn._forward_pre_hooks.clear()  # groups come from the context below, not from a DiT call
+        attn._forward_hooks.clear()
+        x = torch.randn(2, 5, 192)
+        with timestep_groups(torch.tensor([1, 0])):
+            attn(x)
+            ref, fus = copy.deepcopy(attn), copy.deepcopy(attn)
+            use_fused_kernels(fus)
+            assert isinstance(fus.processor, FusedQKVAttnProcessor)
+            with torch.no_grad():  # distinct steps, so each quantizer's own step must be used
+                fus.to_k.act.quantizer.step.mul_(1.5)
+                ref.to_k.act.quantizer.step.mul_(1.5)
+            xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+            yr, yf = ref(xr), fus(xf)
+            gy = torch.randn_like(yr)
+            (yr * gy).sum().backward()
+            (yf * gy).sum().backward()
+        assert rel(yf, yr) < 1e-5 and rel(xf.grad, xr.grad) < 1e-5, cfg
+        pr, pf = dict(ref.named_parameters()), dict(fus.named_parameters())
+        for name in pr:  # (the key bias gets no gradient: softmax ignores a shift of every key)
+            assert rel(pf[name].grad, pr[name].grad) < 1e-5 or (pf[name].grad - pr[name].grad).norm() < 1e-5, name
+        use_fused_kernels(fus, False)
+        assert not isinstance(fus.processor, FusedQKVAttnProcessor)
+    print("fused qkv ok")
+
+
 if __name__ == "__main__":
     check_layouts()
     check_packed_gemm()
     check_ternary()
     check_bad_shapes()
     check_qat()
+    check_fused_qkv()
     print("OK")
     sys.exit(0)

@@ -164,6 +164,82 @@ def test_fused_qat_matches_reference(cfg, k, n):
         assert rel(pf[name].grad, pr[name].grad) < tol, name
 
 
+@pytest.mark.parametrize("k,n,bits", [(1152, 4608, 2), (4608, 1152, 4), (1152, 3456, 5)])
+def test_fused_qat_fp8_forward_is_the_exact_integer_product(k, n, bits, monkeypatch):
+    """On fp8 GPUs the fused forward GEMM runs on e4m3 codes and ternary weights: its output is the
+    exact integer product s_t * s_w * (q @ t^T) + b rounded once to bf16; the bf16 forward it
+    replaces rounds q * s_t first. The backward is untouched: the same gradients bit for bit."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs fp8 tensor cores (sm_89+)")
+    from robuq.kernels import qat
+
+    torch.manual_seed(bits)
+    net = torch.nn.Sequential(torch.nn.Linear(k, n)).to(DEV)
+    quantize_(net, QuantConfig(include=["0"], act_bits=bits))
+    x = torch.randn(4, 64, k, device=DEV).bfloat16()
+    net(x.float())
+    use_fused_kernels(net)
+    layer = net[0]
+    runs = {}
+    for fp8 in (True, False):
+        monkeypatch.setattr(qat, "FP8_FORWARD", fp8)
+        net.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = net(xi)
+        assert qat._fp8_forward(layer, xi.reshape(-1, k), torch.bfloat16) == fp8
+        gy = torch.randn(y.shape, device=DEV, generator=torch.Generator(DEV).manual_seed(1)).bfloat16()
+        y.backward(gy)
+        runs[fp8] = (y, xi.grad, *(p.grad for p in net.parameters()))
+    q = layer.act.quantizer
+    lay = rotation_layout(k, "kronecker", None)
+    r = rotate_quantize(x.reshape(-1, k), layer.act.rotation.signs, lay, q.step.detach().abs().reshape(1, 1).float(),
+                        bits, q.signed, 1, want_i8=True)
+    _, w8, ws = qat._ternary_weight_uncached(layer, torch.bfloat16, fp8=True)
+    bias = layer.bias.bfloat16().double()  # autocast's bias, as in any bf16 linear
+    exact = (r["i8"][0].double() @ w8.double().T) * r["s"][0].double()[:, None] * ws.double() + bias
+    y8, y16 = runs[True][0].reshape(exact.shape), runs[False][0].reshape(exact.shape)
+    # the epilogue scales in fp32, then rounds to bf16: the exact result rounded once, but for values
+    # within an fp32 rounding of a bf16 boundary
+    off = (y8 != exact.bfloat16()).float().mean().item()
+    assert off < 1e-3, (off, rel(y8, exact), rel(y16, exact))
+    assert rel(y8, exact) < 2e-3 and rel(y16, exact) < 1e-2, (rel(y8, exact), rel(y16, exact))
+    for i, (a, b) in enumerate(zip(runs[True][1:], runs[False][1:])):
+        assert torch.equal(a, b), (i, rel(a, b))
+
+
+def test_fused_qkv_group_matches_separate_launches():
+    """DiT-XL/2 attention: q, k, v through one rotate+quantize launch each way give the outputs and
+    parameter gradients of three separate fused layers bit for bit; dx (their gradients rotated
+    back once, summed first) matches to bf16 rounding."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from robuq.kernels.qat import FusedQKVAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=1152, heads=16, dim_head=72, bias=True).to(DEV)
+    quantize_(attn, QuantConfig(include=["to_q", "to_k", "to_v", "to_out.0"], act_bits=2))
+    x = torch.randn(4, 256, 1152, device=DEV)
+    attn(x)
+    grouped, separate = copy.deepcopy(attn), copy.deepcopy(attn)
+    use_fused_kernels(grouped)
+    use_fused_kernels(separate)
+    assert isinstance(grouped.processor, FusedQKVAttnProcessor)
+    separate.set_processor(AttnProcessor2_0())
+    outs = []
+    for net in (grouped, separate):
+        xi = x.bfloat16().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = net(xi)
+        y.backward(torch.ones_like(y))
+        outs.append((y, xi.grad, dict(net.named_parameters())))
+    (yg, dxg, pg), (ys, dxs, ps) = outs
+    assert torch.equal(yg, ys)
+    assert rel(dxg.float(), dxs.float()) < 1e-2
+    for name in pg:
+        assert torch.equal(pg[name].grad, ps[name].grad), name
+
+
 @pytest.mark.parametrize("n,k", [(1152, 1152), (4608, 1152), (1152, 4608), (6912, 1152), (3, 5)])
 def test_ternary_weight_kernel_matches_torch(n, k):
     w = torch.randn(n, k, device=DEV) * 0.02
