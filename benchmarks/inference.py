@@ -154,12 +154,37 @@ def layer_bench(res, tokens: int, bits: int):
         del x, w, layer, a8, wf8
         torch.cuda.empty_cache()
     res["layers"] = out
+    qkv_shared(res, bits, tokens)
     table(f"Per-layer GPU times (us; CUDA graph of 10 calls, median of 20 replays), A{bits}. quant = fused "
           "rotate+quantize kernel (split = exact hi/lo rotation, fast = one bf16 rounding, block128 = block-diagonal "
           "H_128 rotation); ratio = bf16 / ours (exact = split variants only); eager = do_bench incl. launch overhead",
           ["layer", "MxKxN", "bf16", "quant split", "quant fast", "quant block128", "fp8 mm", "packed mm",
            "ours cublas", "ours triton", "ours best", "ratio exact", "ratio best", "bf16 eager", "ours eager",
            "bf16 TFLOP/s"], rows)
+
+
+def qkv_shared(res, bits, tokens):
+    """q, k and v (8192x1152x1152 each): three bf16 linears vs ours with one rotate+quantize launch
+    for the three (``robuq.deploy.modules.packed_linears``, what the exported model runs)."""
+    from robuq.deploy.modules import packed_linears
+
+    torch.manual_seed(0)
+    x = torch.randn(tokens, 1152, device=DEV, dtype=torch.bfloat16)
+    ws = [torch.randn(1152, 1152, device=DEV, dtype=torch.bfloat16) * 0.02 for _ in range(3)]
+    bs = [torch.randn(1152, device=DEV, dtype=torch.bfloat16) for _ in range(3)]
+    net = torch.nn.Sequential(*[torch.nn.Linear(1152, 1152, device=DEV) for _ in range(3)])
+    quantize_(net, QuantConfig(include=["0", "1", "2"], act_bits=bits))
+    layers = []
+    for lin in net:
+        lin(x.float())
+        layers.append(PackedTernaryLinear.from_quant_linear(lin))
+    t_bf16 = gbench(lambda: [F.linear(x, w, b) for w, b in zip(ws, bs)])
+    t_ours = gbench(lambda: packed_linears(layers, x))
+    t_apart = gbench(lambda: [layer(x) for layer in layers])
+    res["qkv_shared"] = dict(bf16_ms=t_bf16, ours_shared_ms=t_ours, ours_apart_ms=t_apart)
+    print(f"\nq+k+v ({tokens}x1152x1152 x3, GPU us): bf16 {t_bf16 * 1e3:.1f} | ours, one quantize launch "
+          f"{t_ours * 1e3:.1f} ({t_bf16 / t_ours:.2f}x) | ours, three launches {t_apart * 1e3:.1f} "
+          f"({t_bf16 / t_apart:.2f}x)", flush=True)
 
 
 def overheads(res):

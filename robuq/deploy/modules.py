@@ -181,31 +181,17 @@ class PackedTernaryLinear(nn.Module):
         return self.alpha[ids.to(x.device)].repeat_interleave(m // x.shape[0]).reshape(1, m)
 
     def _forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
-        from robuq.kernels.gemm import packed_gemm, scaled_mm_rowwise
-        from robuq.kernels.quant_ops import mode_id, rotate_quantize
-        from robuq.kernels.rotation import rotation_layout
+        return packed_linears([self], x)[0]
 
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        m = x2.shape[0]
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        lay = rotation_layout(self.in_features, self.rotation, self.block_size)
-        alpha = self._alpha_per_token(x, m)
-        mode = mode_id(self.mode, self.stat)
-        if _fp8_exact(self.bits, self.signed):
-            r = rotate_quantize(x2, self.signs, lay, alpha, self.bits, self.signed, mode, want_f8=True, split=self.split)
-            a, s = r["f8"][0], r["s"][0]
-            use_cublas = self.gemm == "cublas" or (self.gemm == "auto" and m > SMALL_M)
-            if use_cublas and self.in_features % 16 == 0 and self.out_features % 16 == 0:
-                y = scaled_mm_rowwise(a, self.fp8_weight(), s, self.w_scale, self._bias_in(out_dtype), out_dtype=out_dtype)
-            else:
-                y = packed_gemm(a, self.packed, self.in_features, s, self.w_scale, self.bias, out_dtype=out_dtype)
-        else:  # A6..A8: bf16 codes (exact), fp32 accumulation in the packed kernel
-            r = rotate_quantize(x2, self.signs, lay, alpha, self.bits, self.signed, mode, out="codes",
-                                out_dtype=torch.bfloat16, split=self.split)
-            y = packed_gemm(r["out"][0], self.packed, self.in_features, r["s"][0], self.w_scale, self.bias,
-                            out_dtype=out_dtype)
-        return y.reshape(*lead, self.out_features)
+    def _gemm_cuda(self, a: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """Codes a [M, K] (e4m3, or bf16 for A6-A8) with per-token steps s [M] -> y [M, N]."""
+        from robuq.kernels.gemm import packed_gemm, scaled_mm_rowwise
+
+        use_cublas = self.gemm == "cublas" or (self.gemm == "auto" and a.shape[0] > SMALL_M)
+        if (a.dtype == torch.float8_e4m3fn and use_cublas and self.in_features % 16 == 0
+                and self.out_features % 16 == 0):
+            return scaled_mm_rowwise(a, self.fp8_weight(), s, self.w_scale, self._bias_in(out_dtype), out_dtype=out_dtype)
+        return packed_gemm(a, self.packed, self.in_features, s, self.w_scale, self.bias, out_dtype=out_dtype)
 
     def fp8_weight(self) -> torch.Tensor:
         """Unpacked e4m3 ternary weight [N, K] for cuBLAS (cached unless cache_fp8_weight is off)."""
@@ -233,6 +219,57 @@ def _cuda_kernels_ok(layer: PackedTernaryLinear) -> bool:
         return False
 
 
+def _launch_spec(layer: PackedTernaryLinear) -> tuple:
+    return (layer.in_features, layer.bits, layer.signed, layer.mode, layer.stat, layer.groups, layer.rotation,
+            layer.block_size, layer.split, layer.gemm)
+
+
+def can_share_input(layers) -> bool:
+    """Whether ``layers`` (q, k, v) can be quantized by one kernel launch: packed layers on the CUDA
+    path with the same quantizer settings and rotation (the same signs)."""
+    first = layers[0]
+    return (all(isinstance(m, PackedTernaryLinear) and m.gemm != "torch" and m.act_enabled and _cuda_kernels_ok(m)
+                for m in layers)
+            and all(_launch_spec(m) == _launch_spec(first) and torch.equal(m.signs, first.signs) for m in layers))
+
+
+def packed_linears(layers, x: torch.Tensor) -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]`` with one rotate+quantize launch for all of them on CUDA
+    (``can_share_input`` layers: each quantizes with its own step, then its own GEMM)."""
+    from robuq.kernels.quant_ops import mode_id, rotate_quantize
+    from robuq.kernels.rotation import rotation_layout
+
+    first = layers[0]
+    if not x.is_cuda or x.shape[-1] != first.in_features:
+        return [m(x) for m in layers]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, first.in_features)
+    m = x2.shape[0]
+    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    lay = rotation_layout(first.in_features, first.rotation, first.block_size)
+    alpha = torch.cat([layer._alpha_per_token(x, m) for layer in layers])  # [G, 1 or M]
+    mode = mode_id(first.mode, first.stat)
+    if _fp8_exact(first.bits, first.signed):
+        r = rotate_quantize(x2, first.signs, lay, alpha, first.bits, first.signed, mode, want_f8=True, split=first.split)
+        codes = r["f8"]
+    else:  # A6..A8: bf16 codes (exact), fp32 accumulation in the packed kernel
+        r = rotate_quantize(x2, first.signs, lay, alpha, first.bits, first.signed, mode, out="codes",
+                            out_dtype=torch.bfloat16, split=first.split)
+        codes = r["out"]
+    return [layer._gemm_cuda(codes[i], r["s"][i], out_dtype).reshape(*lead, layer.out_features)
+            for i, layer in enumerate(layers)]
+
+
+def share_qkv_launches(model: nn.Module) -> list[str]:
+    """One rotate+quantize launch for q, k and v of every attention whose projections allow it
+    (``robuq.kernels.attention.share_qkv``); returns those attentions' names."""
+    try:
+        from robuq.kernels.attention import share_qkv
+    except ImportError:  # no diffusers attention: nothing to share
+        return []
+    return share_qkv(model, can_share_input, packed_linears)
+
+
 def quant_layer_names(model: nn.Module) -> list[str]:
     from robuq.quant.linear import QuantLinear
 
@@ -251,4 +288,5 @@ def pack_model(model: nn.Module) -> nn.Module:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, PackedTernaryLinear.from_quant_linear(getattr(owner, child)))
+    share_qkv_launches(model)
     return model

@@ -122,7 +122,7 @@ def check_fused_qkv():
     quantizers) against the reference layers: outputs and every gradient."""
     from diffusers.models.attention_processor import Attention
 
-    from robuq.kernels.qat import FusedQKVAttnProcessor
+    from robuq.kernels.attention import SharedQKVAttnProcessor
 
     for cfg in [dict(act_bits=3), dict(act_bits=2, timestep_groups=2)]:
         torch.manual_seed(1)
@@ -135,7 +135,7 @@ def check_fused_qkv():
             attn(x)
             ref, fus = copy.deepcopy(attn), copy.deepcopy(attn)
             use_fused_kernels(fus)
-            assert isinstance(fus.processor, FusedQKVAttnProcessor)
+            assert isinstance(fus.processor, SharedQKVAttnProcessor)
             with torch.no_grad():  # distinct steps, so each quantizer's own step must be used
                 fus.to_k.act.quantizer.step.mul_(1.5)
                 ref.to_k.act.quantizer.step.mul_(1.5)
@@ -149,7 +149,7 @@ def check_fused_qkv():
         for name in pr:  # (the key bias gets no gradient: softmax ignores a shift of every key)
             assert rel(pf[name].grad, pr[name].grad) < 1e-5 or (pf[name].grad - pr[name].grad).norm() < 1e-5, name
         use_fused_kernels(fus, False)
-        assert not isinstance(fus.processor, FusedQKVAttnProcessor)
+        assert not isinstance(fus.processor, SharedQKVAttnProcessor)
     print("fused qkv ok")
 
 

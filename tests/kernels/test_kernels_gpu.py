@@ -214,7 +214,7 @@ def test_fused_qkv_group_matches_separate_launches():
     back once, summed first) matches to bf16 rounding."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-    from robuq.kernels.qat import FusedQKVAttnProcessor
+    from robuq.kernels.attention import SharedQKVAttnProcessor
 
     torch.manual_seed(0)
     attn = Attention(query_dim=1152, heads=16, dim_head=72, bias=True).to(DEV)
@@ -224,7 +224,7 @@ def test_fused_qkv_group_matches_separate_launches():
     grouped, separate = copy.deepcopy(attn), copy.deepcopy(attn)
     use_fused_kernels(grouped)
     use_fused_kernels(separate)
-    assert isinstance(grouped.processor, FusedQKVAttnProcessor)
+    assert isinstance(grouped.processor, SharedQKVAttnProcessor)
     separate.set_processor(AttnProcessor2_0())
     outs = []
     for net in (grouped, separate):
@@ -238,6 +238,31 @@ def test_fused_qkv_group_matches_separate_launches():
     assert rel(dxg.float(), dxs.float()) < 1e-2
     for name in pg:
         assert torch.equal(pg[name].grad, ps[name].grad), name
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_packed_qkv_one_launch_matches_three(bits):
+    """Deployment: q, k, v of a packed attention quantized by one launch give the outputs of three
+    separate launches bit for bit (e4m3 codes for A2, bf16 codes for A8)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from robuq.deploy.modules import pack_model
+    from robuq.kernels.attention import SharedQKVAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=1152, heads=16, dim_head=72, bias=True).to(DEV)
+    quantize_(attn, QuantConfig(include=["to_q", "to_k", "to_v", "to_out.0"], act_bits=bits))
+    x = torch.randn(4, 256, 1152, device=DEV)
+    attn(x)
+    pack_model(attn)
+    assert isinstance(attn.processor, SharedQKVAttnProcessor)
+    xb = x.bfloat16()
+    attn.bfloat16()
+    with torch.no_grad():
+        shared = attn(xb)
+        attn.set_processor(AttnProcessor2_0())
+        apart = attn(xb)
+    assert torch.equal(shared, apart)
 
 
 @pytest.mark.parametrize("n,k", [(1152, 1152), (4608, 1152), (1152, 4608), (6912, 1152), (3, 5)])
