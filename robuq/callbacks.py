@@ -1,7 +1,9 @@
-"""Lightning callbacks of our own: a sample grid every N steps."""
+"""Lightning callbacks of our own: a sample grid every N steps, training throughput."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
 
 import lightning as L
@@ -38,3 +40,35 @@ class SampleGrid(L.Callback):
         names = list(getattr(trainer.datamodule, "class_names", None) or range(pl_module.num_classes))
         rows = [list(to_uint8(images[labels == c])) for c in range(pl_module.num_classes)]
         save_grid(rows, [str(n) for n in names], out / f"step_{step:07d}.png")
+
+
+class Throughput(L.Callback):
+    """Wall time per training batch and images/s over all ranks: logged as ``train/step_ms`` and
+    ``train/images_per_s`` (median of the last ``window`` steps) and summarised at the end of fit
+    over the steps after the first ``warmup`` (compilation, autotuning, allocator warm-up)."""
+
+    def __init__(self, window: int = 20, warmup: int = 3):
+        self.window, self.warmup = window, warmup
+        self.times: list[float] = []
+        self._last: float | None = None
+        self._batch = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch = len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+            recent = statistics.median(self.times[-self.window:])
+            pl_module.log("train/step_ms", recent * 1e3, rank_zero_only=True)
+            pl_module.log("train/images_per_s", self._batch * trainer.world_size / recent, rank_zero_only=True)
+        self._last = now
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        steady = self.times[self.warmup:]
+        if steady:
+            ms = statistics.median(steady) * 1e3
+            print(f"throughput: {ms:.1f} ms/step, {self._batch * trainer.world_size / ms * 1e3:.1f} images/s "
+                  f"(median of {len(steady)} steps after {self.warmup}; batch {self._batch} x {trainer.world_size} ranks)")
