@@ -101,6 +101,7 @@ class DiTModule(L.LightningModule):
         self.ema = copy.deepcopy(student).requires_grad_(False)
         self.register_buffer("ema_started", torch.tensor(False))
         self.__dict__["teacher"] = teacher_model  # not a submodule: never saved, never DDP-wrapped
+        self._eager_until_quant_ready = compile_blocks
         if compile_blocks:  # after the EMA copy: the EMA only evaluates
             for m in (student, teacher_model):
                 _compile_blocks(m)
@@ -123,13 +124,23 @@ class DiTModule(L.LightningModule):
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         return self.schedule.q_sample(x0, t, noise), t, y, noise
 
+    def _student_forward(self, xt, t, y):
+        """The student's forward; with compiled blocks, eager until every LSQ step is initialised (from
+        the first batch: data-dependent, so a compiled graph would break and recompile around it)."""
+        if self._eager_until_quant_ready:
+            if not all(q.initialized for q in lsq_quantizers(self.student).values()):
+                with torch.compiler.set_stance("force_eager"):
+                    return dit_forward(self.student, xt, t, y)
+            self._eager_until_quant_ready = False
+        return dit_forward(self.student, xt, t, y)
+
     # ----------------------------------------------------------------------------- losses
     def _losses(self, x0, y, g, drop_labels: bool) -> dict[str, torch.Tensor]:
         xt, t, y, noise = self._noised(x0, y, g, drop_labels)
         hp = self.hparams
         want_features = self.task == "qat" and hp.feature_weight > 0
         with _block_outputs(self.student, want_features) as s_feats:
-            out = dit_forward(self.student, xt, t, y)
+            out = self._student_forward(xt, t, y)
         losses: dict[str, torch.Tensor] = {}
         if self.task == "pretrain":
             losses["diffusion"] = diffusion_loss(self.schedule, out, x0, xt, t, noise)

@@ -143,9 +143,14 @@ def test_compile_blocks(tmp_path, monkeypatch):
     assert list(comp.state_dict()) == list(plain.state_dict())
     comp.student.load_state_dict(plain.student.state_dict())
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
+    torch._dynamo.reset()
     with torch.no_grad():
-        torch.testing.assert_close(comp.student(x, timestep=t, class_labels=y).sample,
-                                   plain.student(x, timestep=t, class_labels=y).sample)
+        # the first call initialises the LSQ steps from the batch, eagerly: nothing is compiled yet
+        first = comp._student_forward(x, t, y)
+        assert not comp._eager_until_quant_ready or torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+        torch.testing.assert_close(first, plain.student(x, timestep=t, class_labels=y).sample)
+        torch.testing.assert_close(comp._student_forward(x, t, y), plain.student(x, timestep=t, class_labels=y).sample)
+    assert not comp._eager_until_quant_ready and torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
 
 
 def test_imagenet_config_is_dit_xl2():
