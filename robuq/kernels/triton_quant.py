@@ -119,6 +119,17 @@ def _stat(y, MODE: tl.constexpr, K: tl.constexpr, EPS: tl.constexpr):
 
 
 @triton.jit
+def _token_step(alpha_ptr, st, MODE: tl.constexpr):
+    """(alpha_t, s_t): s_t = alpha_t * stat (dynamic) or alpha_t (static)."""
+    alpha = tl.load(alpha_ptr)
+    if MODE == 0:
+        s = alpha
+    else:
+        s = alpha * st
+    return alpha, s
+
+
+@triton.jit
 def _quantize(v, QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr):
     v = tl.minimum(tl.maximum(v, -QN), QP)
     if SIGN1:
@@ -169,11 +180,7 @@ def rotq_fwd_kernel(
         if W_STAT:
             tl.store(STAT + t, st, mask=ok)
         for g in tl.static_range(G):
-            alpha = tl.load(ALPHA + g * alpha_sg + t * alpha_st)
-            if MODE == 0:
-                s = alpha
-            else:
-                s = alpha * st
+            alpha, s = _token_step(ALPHA + g * alpha_sg + t * alpha_st, st, MODE)
             q = _quantize(y / s, QN, QP, SIGN1)
             base = g * codes_sg + t * K + offs
             if W_I8:
@@ -235,11 +242,7 @@ def rotq_bwd_kernel(
             cnt = tl.sum(tl.sum(hit.to(tl.float32), axis=1), axis=0)
         dy = tl.zeros_like(y)  # the G quantizers' gradients, summed in the rotated basis
         for g in tl.static_range(G):
-            alpha = tl.load(ALPHA + g * alpha_sg + t * alpha_st)
-            if MODE == 0:
-                s = alpha
-            else:
-                s = alpha * st
+            alpha, s = _token_step(ALPHA + g * alpha_sg + t * alpha_st, st, MODE)
             v = y / s
             inr = (v >= -QN) & (v <= QP) & mask
             q = _quantize(v, QN, QP, SIGN1)
