@@ -48,6 +48,8 @@ class Throughput(L.Callback):
     over the steps after the first ``warmup`` (compilation, autotuning, allocator warm-up)."""
 
     def __init__(self, window: int = 20, warmup: int = 3):
+        if window < 1 or warmup < 0:
+            raise ValueError(f"Throughput needs window >= 1 and warmup >= 0, got window={window}, warmup={warmup}")
         self.window, self.warmup = window, warmup
         self.times: list[float] = []
         self._last: float | None = None

@@ -240,7 +240,7 @@ def packed_linears(layers, x: torch.Tensor) -> list[torch.Tensor]:
     from robuq.kernels.rotation import rotation_layout
 
     first = layers[0]
-    if not x.is_cuda or x.shape[-1] != first.in_features:
+    if not x.is_cuda or x.shape[-1] != first.in_features or any(m.gemm == "torch" for m in layers):
         return [m(x) for m in layers]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, first.in_features)

@@ -284,7 +284,8 @@ def fused_linears(layers, x: torch.Tensor) -> list[torch.Tensor]:
     x2 = x.reshape(-1, first.in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    alpha = torch.stack([qi.step.detach().abs().clamp_min(1e-8).float() for qi in qs])  # [G, groups]
+    steps = [qi.step.detach().abs().clamp_min(1e-8).float() for qi in qs]
+    alpha = steps[0][None] if len(steps) == 1 else torch.stack(steps)  # [G, groups]
     if q.groups > 1:
         ids = q._group_index(x)
         per = x2.shape[0] // x.shape[0]

@@ -57,3 +57,4 @@ def test_shared_processor_computes_what_diffusers_does():
         with torch.no_grad():
             assert torch.equal(attn(x), plain(x))
             assert torch.equal(attn(x, encoder_hidden_states=ctx), plain(x, encoder_hidden_states=ctx))
+

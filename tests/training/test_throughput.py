@@ -1,6 +1,7 @@
 """robuq.callbacks.Throughput: step times, the logged metrics and the end-of-fit summary."""
 
 import lightning as L
+import pytest
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from robuq.callbacks import Throughput
@@ -18,3 +19,9 @@ def test_throughput_logs_and_summarises(tmp_path, capsys):
     assert abs(trainer.callback_metrics["train/images_per_s"] * trainer.callback_metrics["train/step_ms"] - 1e3) < 1e-2
     out = capsys.readouterr().out
     assert "throughput:" in out and "median of 3 steps after 2" in out
+
+
+@pytest.mark.parametrize("kw", [dict(window=0), dict(warmup=-1)])
+def test_throughput_refuses_bad_settings(kw):
+    with pytest.raises(ValueError, match="window >= 1 and warmup >= 0"):
+        Throughput(**kw)
