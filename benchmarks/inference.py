@@ -33,10 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from benchmarks.timing import gbench  # noqa: E402
+from benchmarks.timing import gbench, profile_kernels  # noqa: E402
 from robuq.deploy import PackedTernaryLinear, export, load_exported, weight_bytes  # noqa: E402
 from robuq.kernels.gemm import PACKED_CONFIGS, packed_gemm, scaled_mm_rowwise  # noqa: E402
+from robuq.deploy.modules import can_share_input, packed_linears  # noqa: E402
 from robuq.deploy.pack import pack_ternary  # noqa: E402
+from robuq.kernels.mlp import fuse_gelu  # noqa: E402
 from robuq.kernels.quant_ops import rotate_quantize  # noqa: E402
 from robuq.kernels.rotation import rotation_layout  # noqa: E402
 from robuq.models import DIT_XL_2_256 as XL  # noqa: E402
@@ -155,6 +157,7 @@ def layer_bench(res, tokens: int, bits: int):
         torch.cuda.empty_cache()
     res["layers"] = out
     qkv_shared(res, bits, tokens)
+    gelu_fc2(res, bits, tokens)
     table(f"Per-layer GPU times (us; CUDA graph of 10 calls, median of 20 replays), A{bits}. quant = fused "
           "rotate+quantize kernel (split = exact hi/lo rotation, fast = one bf16 rounding, block128 = block-diagonal "
           "H_128 rotation); ratio = bf16 / ours (exact = split variants only); eager = do_bench incl. launch overhead",
@@ -166,7 +169,6 @@ def layer_bench(res, tokens: int, bits: int):
 def qkv_shared(res, bits, tokens):
     """q, k and v (8192x1152x1152 each): three bf16 linears vs ours with one rotate+quantize launch
     for the three (``robuq.deploy.modules.packed_linears``, what the exported model runs)."""
-    from robuq.deploy.modules import packed_linears
 
     torch.manual_seed(0)
     x = torch.randn(tokens, 1152, device=DEV, dtype=torch.bfloat16)
@@ -185,6 +187,38 @@ def qkv_shared(res, bits, tokens):
     print(f"\nq+k+v ({tokens}x1152x1152 x3, GPU us): bf16 {t_bf16 * 1e3:.1f} | ours, one quantize launch "
           f"{t_ours * 1e3:.1f} ({t_bf16 / t_ours:.2f}x) | ours, three launches {t_apart * 1e3:.1f} "
           f"({t_bf16 / t_apart:.2f}x)", flush=True)
+
+
+def gelu_fc2(res, bits, tokens):
+    """GELU + fc2 (8192x4608x1152): bf16 (GELU pass, then the linear) vs ours with the GELU as its
+    own pass vs ours with the GELU inside the rotate+quantize kernel (what the exported model runs)."""
+
+    torch.manual_seed(0)
+    h = torch.randn(tokens, 4608, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(1152, 4608, device=DEV, dtype=torch.bfloat16) * 0.02
+    b = torch.randn(1152, device=DEV, dtype=torch.bfloat16)
+    net = torch.nn.Sequential(torch.nn.Linear(4608, 1152, device=DEV))
+    quantize_(net, QuantConfig(include=["0"], act_bits=bits))
+    net(F.gelu(h.float(), approximate="tanh"))
+    layer = PackedTernaryLinear.from_quant_linear(net[0])
+    lay = rotation_layout(4608, "kronecker", None)
+    alpha = layer.alpha[:1].reshape(1, 1)
+    gelu = lambda: F.gelu(h, approximate="tanh")  # noqa: E731
+    t = dict(
+        bf16=gbench(lambda: F.linear(gelu(), w, b)),
+        gelu=gbench(gelu),
+        quant=gbench(lambda: rotate_quantize(h, layer.signs, lay, alpha, bits, True, 1, want_f8=True)),
+        quant_gelu_inside=gbench(lambda: rotate_quantize(h, layer.signs, lay, alpha, bits, True, 1, want_f8=True,
+                                                         act="gelu_tanh")),
+        ours_apart=gbench(lambda: layer(gelu())),
+        ours_inside=gbench(lambda: packed_linears([layer], h, act="gelu_tanh")),
+    )
+    res["gelu_fc2"] = {f"{k}_ms": v for k, v in t.items()}
+    us = {k: f"{v * 1e3:.1f}" for k, v in t.items()}
+    print(f"\nGELU + fc2 ({tokens}x4608x1152, GPU us): bf16 {us['bf16']} (GELU pass {us['gelu']}) | quantize "
+          f"{us['quant']}, with the GELU inside {us['quant_gelu_inside']} | ours, GELU apart {us['ours_apart']} "
+          f"({t['bf16'] / t['ours_apart']:.2f}x) | ours, GELU inside {us['ours_inside']} "
+          f"({t['bf16'] / t['ours_inside']:.2f}x)", flush=True)
 
 
 def overheads(res):
@@ -288,7 +322,7 @@ def graph_time(model, args):
         return None
 
 
-def forward_bench(res, batches, bits):
+def forward_bench(res, batches, bits, profile_batch=None):
     teacher = build_xl(torch.float32)
     student = copy.deepcopy(teacher)
     bf16 = teacher.to(torch.bfloat16).eval()
@@ -308,6 +342,8 @@ def forward_bench(res, batches, bits):
         size = sum(f.stat().st_size for f in Path(d).iterdir())
         print(f"export: {time.time() - t0:.1f} s, {size / 2**20:.1f} MiB on disk")
         packed = load_exported(d, device=DEV, dtype=torch.bfloat16)  # the user's path: one call
+        gelu_apart = load_exported(d, device=DEV, dtype=torch.bfloat16)
+    fuse_gelu(gelu_apart, can_share_input, packed_linears, enabled=False)  # diffusers' GELU pass, for comparison
     wb_diffusers = weight_bytes(bf16)["total"]
     wb_bf16 = weight_bytes(share_embedders(bf16))["total"]
     wb_ours = weight_bytes(packed)
@@ -327,12 +363,14 @@ def forward_bench(res, batches, bits):
     agree = ((got - ref_out).norm() / ref_out.norm()).item()
     res["packed_vs_student_rel_err"] = agree
     print(f"packed bf16 CUDA model vs fp32 fake-quant student, batch 4: rel. error {agree:.2e}")
-    models = [("bf16", bf16), ("ours", packed)]
+    models = [("bf16", bf16), ("ours", packed), ("ours, GELU apart", gelu_apart)]
     ao = torchao_int8(bf16)
     res["torchao"] = ao[0] if isinstance(ao, tuple) else "int8 dynamic activation, int8 weight"
     if not isinstance(ao, tuple):
         models.append(("torchao int8", ao))
     print(f"torchao: {res['torchao']}")
+    if profile_batch:
+        kernel_profile(res, models[:3], inputs(profile_batch, torch.bfloat16))
     rows, out = [], []
     for bs in batches:
         xb, tb, yb = inputs(bs, torch.bfloat16)
@@ -357,6 +395,11 @@ def forward_bench(res, batches, bits):
                        if "torchao int8" in entry else ["n/a", "n/a"]))
         out.append(entry)
     res["forward"] = out
+    for entry in out:
+        e, a = entry["ours"], entry["ours, GELU apart"]
+        print(f"batch {entry['batch']}: ours with the GELU as its own pass: eager {a['eager_ms']:.2f} ms, graph "
+              f"{graph_cell(a['graph_ms'])} ms (GELU inside the quantize kernel: {e['eager_ms']:.2f} / "
+              f"{graph_cell(e['graph_ms'])} ms)")
     table(f"DiT-XL/2 forward (ms, median), bf16 vs packed W1.58A{bits} (vs torchao int8 dynamic)",
           ["batch", "bf16 eager", "ours eager", "ratio", "bf16 graph", "ours graph", "ratio", "bf16 peak GiB", "ours peak GiB",
            "torchao eager", "torchao graph"], rows)
@@ -366,6 +409,16 @@ def forward_bench(res, batches, bits):
         res["sampling"] = f"failed: {type(e).__name__}: {e}"
         print(f"sampling benchmark failed: {type(e).__name__}: {e}")
     del bf16, teacher
+
+
+def kernel_profile(res, models, args):
+    """GPU time per forward by kernel: where each model's time goes."""
+    out = {}
+    for name, model in models:
+        with torch.no_grad():
+            out[name] = profile_kernels(lambda: model(args[0], timestep=args[1], class_labels=args[2]),
+                                        f"{name} forward, batch {args[0].shape[0]}")
+    res["kernel_profile"] = out
 
 
 def graph_cell(ms):
@@ -430,6 +483,8 @@ def main():
     ap.add_argument("--no-forward", action="store_true")
     ap.add_argument("--no-layers", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time every packed-GEMM tile candidate")
+    ap.add_argument("--profile", type=int, default=None, metavar="BATCH",
+                    help="GPU time per forward by kernel at this batch (torch.profiler), bf16 vs ours")
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, bits=args.bits)
@@ -441,7 +496,7 @@ def main():
     if not args.no_layers:
         layer_bench(res, args.tokens, args.bits)
     if not args.no_forward:
-        forward_bench(res, args.batches, args.bits)
+        forward_bench(res, args.batches, args.bits, args.profile)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 

@@ -4,9 +4,11 @@ Rows (issue 7):
   a  plain bf16 DiT-XL/2 step (fwd + bwd + AdamW): the baseline
   b  QAT student, pure-torch reference path (robuq.quant)
   c  QAT student, fused Triton path (robuq.kernels.qat.use_fused_kernels: forward GEMMs on fp8
-     tensor cores where the GPU has them, one rotate+quantize launch for q, k and v of each attention)
+     tensor cores where the GPU has them, one rotate+quantize launch for q, k and v of each attention,
+     the MLP's GELU inside the kernels of fc2)
   c16  (c) with the forward GEMMs in bf16 (robuq.kernels.qat.FP8_FORWARD = False)
   c3   (c) with q, k and v quantized by three launches (diffusers' own attention processor)
+  cg   (c) with the MLP's GELU as its own pass (diffusers' GELU module) instead of inside fc2's kernels
   d  full QAT step: frozen bf16 teacher forward + (c) with the distillation MSE
 
     python benchmarks/qat_step.py [--rows a b c d] [--modes eager compile-regional graph] [--steps 10]
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.timing import gbench  # noqa: E402
+from benchmarks.timing import gbench, profile_kernels  # noqa: E402
 from robuq.models import DIT_XL_2_256 as XL  # noqa: E402
 from robuq.quant import QuantConfig, quantize_  # noqa: E402
 
@@ -75,7 +77,7 @@ def _compile(model, how):
     return model
 
 
-def run_row(name, model, teacher, bs, steps, mode):
+def run_row(name, model, teacher, bs, steps, mode, profile=False):
     """Time one training step (fwd + bwd + AdamW) in ``mode``: "eager", "compile-regional",
     "compile-full", "graph" (the whole step captured once in a CUDA graph and replayed: GPU time
     without host launch overhead) or "compile-graph" (per-block compile, then the whole step as
@@ -139,6 +141,7 @@ def run_row(name, model, teacher, bs, steps, mode):
         end.synchronize()
         times.append(start.elapsed_time(end))
     peak = torch.cuda.max_memory_allocated()
+    kernels = profile_kernels(run, f"{name} ({mode})") if profile else None
     times.sort()
     ms = times[len(times) // 2]
     if not torch.isfinite(loss):
@@ -146,7 +149,7 @@ def run_row(name, model, teacher, bs, steps, mode):
     del opt
     graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) if mode.startswith("compile") else 0
     return dict(row=name, mode=mode, ms=ms, min_ms=times[0], images_s=bs / ms * 1e3, peak_gib=peak / 2**30,
-                warmup_s=warm, loss=float(loss.detach()), compiled_graphs=graphs)
+                warmup_s=warm, loss=float(loss.detach()), compiled_graphs=graphs, kernels=kernels)
 
 
 def cleanup():
@@ -280,6 +283,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="GPU time per step by kernel (torch.profiler) for each row")
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
     ap.add_argument("--compile-smoke", action="store_true", help="check torch.compile on a small fused model")
@@ -298,7 +302,7 @@ def main():
             if row == "b" and mode != "eager":
                 continue  # the reference path is the slow baseline; 3.4x eager (docs/PERFORMANCE.md)
             label = {"a": "a plain bf16", "b": "b QAT reference", "c": "c QAT fused", "c16": "c16 fused, bf16 fwd GEMM",
-                     "c3": "c3 fused, q/k/v apart",
+                     "c3": "c3 fused, q/k/v apart", "cg": "cg fused, GELU apart",
                      "d": "d QAT fused + teacher"}[row]
             qat.FP8_FORWARD = row != "c16"
             try:
@@ -307,8 +311,8 @@ def main():
                     model = build_xl().train()
                 else:
                     model = make_student(args.bits)
-                    if row in ("c", "c16", "c3", "d"):
-                        fused = use_fused_kernels(model)
+                    if row in ("c", "c16", "c3", "cg", "d"):
+                        fused = use_fused_kernels(model, fuse_activations=row != "cg")
                         if row == "c3":
                             from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
@@ -318,7 +322,7 @@ def main():
                         print(f"  {label}: {sum(fused.values())}/{len(fused)} layers fused")
                     if row == "d":
                         teacher = build_xl().to(torch.bfloat16).eval().requires_grad_(False)
-                r = run_row(label, model, teacher, args.batch, args.steps, mode)
+                r = run_row(label, model, teacher, args.batch, args.steps, mode, args.profile)
                 results.append(r)
                 print(f"  {label:24s} {mode:16s} {r['ms']:8.1f} ms/step  {r['images_s']:7.1f} img/s  "
                       f"peak {r['peak_gib']:5.1f} GiB  (warm-up {r['warmup_s']:.0f} s, "

@@ -49,7 +49,8 @@ from robuq.quant.ternary import ternary_codes
 from . import triton_quant as tq
 from .attention import share_qkv
 from .gemm import scaled_mm_rowwise
-from .quant_ops import mode_id, rotate_quantize, rotate_quantize_backward
+from .mlp import fuse_gelu
+from .quant_ops import act_id, mode_id, rotate_quantize, rotate_quantize_backward
 from .rotation import rotation_kind, rotation_layout
 from .ternary import ternary_weight
 
@@ -68,13 +69,13 @@ def _layout(dim: int, kind: str, block_size: int):
 
 def _rotq_fwd_impl(
     x: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
-    bits: int, signed: bool, mode: int, out_dtype: str, want_f8: bool,
+    bits: int, signed: bool, mode: int, out_dtype: str, want_f8: bool, act: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K], alpha [G, M or 1] -> (q * s_t [G, M, K] out_dtype, q [G, M, K] e4m3 (if want_f8, else
-    empty), s_t [G, M] fp32)."""
+    empty), s_t [G, M] fp32) of act(x) (act "": x itself)."""
     lay = _layout(x.shape[1], kind, block_size)
     r = rotate_quantize(x, signs, lay, alpha, bits, signed, mode, out="scaled", want_f8=want_f8,
-                        out_dtype=_DTYPES[out_dtype], round_to_bf16=out_dtype == "bfloat16")
+                        out_dtype=_DTYPES[out_dtype], round_to_bf16=out_dtype == "bfloat16", act=act or None)
     return r["out"], r["f8"] if want_f8 else x.new_empty(0, dtype=torch.float8_e4m3fn), r["s"]
 
 
@@ -82,7 +83,7 @@ rotq_fwd = torch.library.custom_op("robuq::rotq_fwd", _rotq_fwd_impl, mutates_ar
 
 
 @rotq_fwd.register_fake
-def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8):
+def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8, act):
     (m, k), g = x.shape, alpha.shape[0]
     f8 = x.new_empty((g, m, k) if want_f8 else (0,), dtype=torch.float8_e4m3fn)
     return x.new_empty(g, m, k, dtype=_DTYPES[out_dtype]), f8, x.new_empty(g, m, dtype=torch.float32)
@@ -90,19 +91,19 @@ def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8)
 
 def _rotq_bwd_impl(
     x: torch.Tensor, grad: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
-    bits: int, signed: bool, mode: int, out_dtype: str,
+    bits: int, signed: bool, mode: int, out_dtype: str, act: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad [G, M, K], alpha [G, M or 1] -> (dx [M, K] in x's dtype, per-token dL/dalpha [G, M] fp32)."""
     lay = _layout(x.shape[1], kind, block_size)
     return rotate_quantize_backward(x, grad, signs, lay, alpha, bits, signed, mode,
-                                    round_to_bf16=out_dtype == "bfloat16")
+                                    round_to_bf16=out_dtype == "bfloat16", act=act or None)
 
 
 rotq_bwd = torch.library.custom_op("robuq::rotq_bwd", _rotq_bwd_impl, mutates_args=())
 
 
 @rotq_bwd.register_fake
-def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype):
+def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, act):
     return torch.empty_like(x), x.new_empty(grad.shape[0], x.shape[0], dtype=torch.float32)
 
 
@@ -116,6 +117,8 @@ def _dtype_name(dt: torch.dtype) -> str:
 class FusedQuantLinearFn(torch.autograd.Function):
     """G quantized linears that read the same input x2 [M, K] (G = 1, or q/k/v of an attention):
     one rotate+quantize launch with G quantizers, G GEMMs; backward: G GEMM pairs, one launch.
+    With an activation in the spec (``"gelu_tanh"``), x2 is the pre-activation and the layers read
+    act(x2); dx is then the pre-activation's gradient.
 
     apply(x2, alpha_t [G, M or 1], group id per token, static spec, rotation signs, T(W') per layer,
     e4m3 codes and scales of T(W') per layer (None: bf16 forward GEMM), *(G latent weights, G biases,
@@ -124,14 +127,14 @@ class FusedQuantLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, alpha_t, group_of_token, spec, signs, wq, w8, w_scale, *params):
-        kind, block_size, bits, signed, mode, groups, cdt = spec
+        kind, block_size, bits, signed, mode, groups, cdt, act = spec
         n = len(wq)
         weights, biases = params[:n], params[n:2 * n]
         # eager calls the implementation directly (a custom op costs tens of us of host time per
         # call); under torch.compile the registered op keeps the kernel opaque to the tracer
         fwd = torch.ops.robuq.rotq_fwd if torch.compiler.is_compiling() else _rotq_fwd_impl
         fp8 = w8[0] is not None
-        out, q8, s = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), fp8)
+        out, q8, s = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), fp8, act)
         ys = []
         for i in range(n):
             b = None if biases[i] is None else biases[i].to(cdt)
@@ -146,7 +149,7 @@ class FusedQuantLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dys):
         x2, out, alpha_t, group_of_token, signs, *rest = ctx.saved_tensors
-        kind, block_size, bits, signed, mode, groups, cdt = ctx.spec
+        kind, block_size, bits, signed, mode, groups, cdt, act = ctx.spec
         n = len(dys)
         wq, steps = rest[:n], rest[n:]
         dys = [torch.zeros(x2.shape[0], w.shape[0], device=x2.device, dtype=cdt) if dy is None else dy.to(cdt)
@@ -162,7 +165,7 @@ class FusedQuantLinearFn(torch.autograd.Function):
         dws = [(dy.t() @ out[i]).to(wdt) for i, (dy, wdt) in enumerate(zip(dys, ctx.weight_dtypes))]
         dbs = [None if bdt is None else dy.sum(0).to(bdt) for dy, bdt in zip(dys, ctx.bias_dtypes)]
         bwd = torch.ops.robuq.rotq_bwd if torch.compiler.is_compiling() else _rotq_bwd_impl
-        dx, ga = bwd(x2, dout, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt))
+        dx, ga = bwd(x2, dout, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), act)
         _, qp = qrange(bits, signed)
         g = 1.0 / math.sqrt(x2.numel() / groups * max(qp, 1))
         if groups > 1:
@@ -264,11 +267,13 @@ def can_share_input(layers) -> bool:
     return all(r is None for r in rots) or all(r is not None and torch.equal(r.signs, rots[0].signs) for r in rots)
 
 
-def fused_linears(layers, x: torch.Tensor) -> list[torch.Tensor]:
-    """``[layer(x) for layer in layers]`` for fused QuantLinears that ``can_share_input``, with one
-    rotate+quantize launch (and one in backward) for all of them; each layer's own forward where the
-    fused path cannot serve them (see the module docstring)."""
+def fused_linears(layers, x: torch.Tensor, act: str | None = None) -> list[torch.Tensor]:
+    """``[layer(act(x)) for layer in layers]`` for fused QuantLinears that ``can_share_input``, with
+    one rotate+quantize launch (and one in backward) for all of them; each layer's own forward where
+    the fused path cannot serve them (see the module docstring). ``act``: None, or ``"gelu_tanh"``
+    (``F.gelu(x, approximate="tanh")``, computed inside the kernels)."""
     first = layers[0]
+    act_id(act)
     qs = [m.act.quantizer for m in layers]
     cdt = _compute_dtype(x)
     if (not (all(q.initialized for q in qs) and (x.is_cuda or tq.INTERPRET)) or x.shape[-1] != first.in_features
@@ -277,6 +282,8 @@ def fused_linears(layers, x: torch.Tensor) -> list[torch.Tensor]:
         # backward returned non-finite values at K = 1152 and one fp32 test faulted, probably the
         # n_iter specialisation fault fixed in triton_quant (not re-tested in fp32). The kernels
         # serve 16-bit compute, the setting fast QAT is for (bf16-mixed).
+        if act == "gelu_tanh":
+            x = F.gelu(x, approximate="tanh")
         return [QuantLinear.forward(m, x) for m in layers]
     q = qs[0]
     kind, bs = rotation_kind(first.act.rotation)
@@ -301,7 +308,7 @@ def fused_linears(layers, x: torch.Tensor) -> list[torch.Tensor]:
     wq, w8, w_scale = zip(*[(_ternary_weight_uncached if traced else cached_ternary_weight)(m, cdt, fp8)
                             for m in layers])
     signs = first.act.rotation.signs if first.act.rotation is not None else x2.new_ones(first.in_features)
-    spec = (kind, bs or 0, q.bits, q.signed, mode_id(q.mode, q.stat), q.groups, cdt)
+    spec = (kind, bs or 0, q.bits, q.signed, mode_id(q.mode, q.stat), q.groups, cdt, act or "")
     params = [m.weight for m in layers] + [m.bias for m in layers] + [qi.step for qi in qs]
     with torch.autocast(x2.device.type, enabled=False):
         ys = FusedQuantLinearFn.apply(x2, alpha_t, group_of_token, spec, signs, wq, w8, w_scale, *params)
@@ -312,15 +319,18 @@ def _fused_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return fused_linears([self], x)[0]
 
 
-def use_fused_kernels(model: nn.Module, enabled: bool = True) -> dict[str, bool]:
+def use_fused_kernels(model: nn.Module, enabled: bool = True, fuse_activations: bool = True) -> dict[str, bool]:
     """Switch the model's QuantLinears to the fused Triton path (or back); returns name -> fused.
 
     The switch is per instance (``layer.forward`` is overridden), so it survives ``.to()`` and
     ``state_dict`` round trips untouched and needs no change in ``robuq.quant``. Attention modules
     whose q, k and v projections can share one launch (``can_share_input``) get a
-    ``SharedQKVAttnProcessor`` over ``fused_linears``; switching back restores their processor.
+    ``SharedQKVAttnProcessor`` over ``fused_linears``; with ``fuse_activations``, DiT MLPs run their
+    GELU inside the kernels of the output projection (``robuq.kernels.mlp.fuse_gelu``). Switching
+    back restores both.
     """
     share_qkv(model, can_share_input, fused_linears, enabled)
+    fuse_gelu(model, can_share_input, fused_linears, enabled and fuse_activations)
     done = {}
     for name, m in model.named_modules():
         if not isinstance(m, QuantLinear):

@@ -12,6 +12,8 @@ from . import triton_quant as tq
 from .rotation import RotationLayout, rotation_factors
 
 MODE_IDS = {"static": 0, "rms": 1, "absmax": 2}
+# activation fused in front of the rotation (the kernel reads its input h and quantizes act(h))
+ACTIVATIONS = {None: 0, "gelu_tanh": 1}
 EPS = 1e-6  # robuq.quant.lsq.token_stat's eps
 
 
@@ -93,9 +95,16 @@ def _tile_dtype(x: torch.Tensor, round_to_bf16: bool) -> torch.dtype:
     return x.dtype
 
 
-def _common(lay: RotationLayout, bits: int, signed: bool, mode: int, x_dtype: torch.dtype, split: bool):
+def act_id(act: str | None) -> int:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown fused activation {act!r}; choose one of {list(ACTIVATIONS)}")
+    return ACTIVATIONS[act]
+
+
+def _common(lay: RotationLayout, bits: int, signed: bool, mode: int, x_dtype: torch.dtype, split: bool,
+            act: str | None):
     qn, qp = qrange(bits, signed)
-    return dict(
+    return dict(ACT=act_id(act),
         ROWS=lay.rows, MP=lay.MP, P=lay.P, QN=float(qn), QP=float(qp), SIGN1=(signed and bits == 1), MODE=mode,
         ROTATE=lay.kind != "none", HAS_LEFT=lay.has_left, R_FIRST=lay.r_first,
         # the first product is exact without a split only for bf16 input (x is a bf16 dot operand)
@@ -120,8 +129,10 @@ def rotate_quantize(
     want_stat: bool = False,
     split: bool = True,
     round_to_bf16: bool = False,
+    act: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """x [M, K] -> codes for each of the G rows of ``alpha`` ([G, M] per token, or [G, 1]).
+    """x [M, K] -> codes for each of the G rows of ``alpha`` ([G, M] per token, or [G, 1]) of
+    ``act(x)`` (``act="gelu_tanh"``: x is the pre-activation; None: x itself).
 
     ``round_to_bf16``: round an fp32 x to bf16 as it is loaded (what bf16 autocast does to a
     linear's input), which runs the faster bf16 tile. Returns a dict with 's' [G, M] fp32 and, as
@@ -149,7 +160,7 @@ def rotate_quantize(
             m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
             G=g, RELOAD=_reload(lay, backward=False), STAGES=_stages(lay, tdt, backward=False),
             W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
-            num_warps=_warps(lay), **_common(lay, bits, signed, mode, tdt, split),
+            num_warps=_warps(lay), **_common(lay, bits, signed, mode, tdt, split, act),
         )
     if want_i8:
         res["i8"] = i8
@@ -173,13 +184,15 @@ def rotate_quantize_backward(
     mode: int,
     split: bool = True,
     round_to_bf16: bool = False,
+    act: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx [M, K] in x's dtype, ga = per-token dL/dalpha) for the LSQ straight-through gradient.
 
     One quantizer: ``grad`` [M, K] = dL/d(fake-quantized output), ``alpha`` [M] per token or [1],
     ga [M] fp32. G quantizers of the same x (``rotate_quantize`` with G alpha rows): ``grad``
     [G, M, K], ``alpha`` [G, M] or [G, 1], ga [G, M], and dx sums their gradients.
-    ``round_to_bf16`` must be what the forward used (the rotation is recomputed from x).
+    ``round_to_bf16`` and ``act`` must be what the forward used (the rotation is recomputed from x);
+    with ``act``, dx is the gradient with respect to the pre-activation x.
     """
     grouped = grad.dim() == 3
     if x.dim() != 2 or x.shape[1] != lay.dim or grad.shape[grouped:] != x.shape or (
@@ -203,6 +216,6 @@ def rotate_quantize_backward(
             m, triton_cdiv(m, grid[0]), x.stride(0), grad.stride(-2), alpha.stride(0),
             1 if alpha.shape[1] > 1 else 0, m * k, G=g,
             num_warps=_warps(lay), RELOAD=_reload(lay, backward=True), STAGES=_stages(lay, tdt, backward=True),
-            GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16, **_common(lay, bits, signed, mode, tdt, split),
+            GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16, **_common(lay, bits, signed, mode, tdt, split, act),
         )
     return dx, (ga if grouped else ga[0])

@@ -13,6 +13,10 @@ bits), so rotated values match an fp32 rotation to ~1e-5 relative and codes diff
 float64 reference only for values within that distance of a rounding boundary. ``split=False``
 rounds the intermediate to bf16 once (faster, ~1e-3 relative).
 
+``ACT = 1`` fuses a GELU (tanh form) in front: the kernel reads the pre-activation h, quantizes
+GELU(h), and the backward multiplies dx by GELU'(h), so the activation pass of an MLP (diffusers'
+``GELU`` module feeding the output projection) never reaches memory.
+
 Outputs (each optional): int8 codes, e4m3 codes (integers |q| <= 16 are exact in e4m3), a dense
 tensor ``q * s_t`` (QAT forward) or ``q`` (bf16 codes for the A6-A8 bf16 GEMM), s_t and stat.
 Several quantizers that share one input and one rotation (q/k/v projections) are served by one
@@ -57,10 +61,29 @@ def _load_signs(SIGNS, offs, mask, X16: tl.constexpr):
 
 
 @triton.jit
-def _signed_token(ptrs, mask, sg, X16: tl.constexpr):
-    """x * d for one token tile. X16 (bf16 dot; x bf16, or fp32 rounded to bf16 here): a bf16
-    tile, exact (d is +-1), which halves the registers of the tile and of the sign pattern."""
+def _gelu_tanh(h):
+    """GELU, tanh form: 0.5 h (1 + tanh(u)) = h * sigmoid(2u), u = sqrt(2/pi) (h + 0.044715 h^3)."""
+    u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+    return h / (1.0 + tl.exp(-2.0 * u))
+
+
+@triton.jit
+def _gelu_tanh_grad(h):
+    """d GELU / dh = s + h s (1 - s) 2 du/dh, s = sigmoid(2u)."""
+    u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+    s = 1.0 / (1.0 + tl.exp(-2.0 * u))
+    return s + h * s * (1.0 - s) * (2.0 * 0.7978845608028654) * (1.0 + 3.0 * 0.044715 * h * h)
+
+
+@triton.jit
+def _signed_token(ptrs, mask, sg, X16: tl.constexpr, ACT: tl.constexpr):
+    """act(x) * d for one token tile. ACT = 1: x is a pre-activation h and the tile is GELU(h),
+    rounded to h's dtype as torch's GELU rounds its output. X16 (bf16 dot; x bf16, or fp32 rounded
+    to bf16 here): a bf16 tile, exact (d is +-1), which halves the registers of the tile and of the
+    sign pattern."""
     x = tl.load(ptrs, mask=mask, other=0.0)
+    if ACT == 1:
+        x = _gelu_tanh(x.to(tl.float32)).to(x.dtype)
     if X16:
         x = x.to(tl.bfloat16) * sg
     else:
@@ -149,7 +172,7 @@ def rotq_fwd_kernel(
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr,
     W_I8: tl.constexpr, W_F8: tl.constexpr, W_OUT: tl.constexpr, OUT_SCALED: tl.constexpr, W_STAT: tl.constexpr,
-    RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr,
+    RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr, ACT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -173,7 +196,7 @@ def rotq_fwd_kernel(
         if RELOAD:
             L = tl.load(LEFT + l_offs)
             R = tl.load(RIGHT + r_offs)
-        x = _signed_token(X + t * stride_x + offs, mtok, sg, X16)
+        x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
         y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
         st = _stat(y, MODE, K, EPS)
         st = tl.maximum(st, EPS)
@@ -206,7 +229,7 @@ def rotq_bwd_kernel(
     ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr,
-    GSPLIT: tl.constexpr,
+    GSPLIT: tl.constexpr, ACT: tl.constexpr,
 ):
     # B (Sylvester) is symmetric, so the transposed rotation is A dy B: no B^T needed.
     pid = tl.program_id(0)
@@ -233,7 +256,7 @@ def rotq_bwd_kernel(
             L = tl.load(LEFT + l_offs)
             R = tl.load(RIGHT + r_offs)
             LT = tl.load(LEFT_T + l_offs)
-        x = _signed_token(X + t * stride_x + offs, mtok, sg, X16)
+        x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
         y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
         st_raw = _stat(y, MODE, K, EPS)
         st = tl.maximum(st_raw, EPS)
@@ -272,4 +295,7 @@ def rotq_bwd_kernel(
         else:
             dx = dy
         dx = dx * sg
+        if ACT == 1:  # through the GELU: reload h (L1/L2-resident) rather than hold it in registers
+            h = tl.load(X + t * stride_x + offs, mask=mtok, other=0.0).to(tl.float32)
+            dx = dx * _gelu_tanh_grad(h)
         tl.store(DX + t * stride_x + offs, dx.to(DX.dtype.element_ty), mask=mtok)
