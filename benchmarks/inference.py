@@ -36,9 +36,8 @@ from triton.testing import do_bench  # noqa: E402
 from benchmarks.timing import gbench, profile_kernels  # noqa: E402
 from robuq.deploy import PackedTernaryLinear, export, load_exported, weight_bytes  # noqa: E402
 from robuq.kernels.gemm import PACKED_CONFIGS, packed_gemm, scaled_mm_rowwise  # noqa: E402
-from robuq.deploy.modules import can_share_input, packed_linears  # noqa: E402
+from robuq.deploy.modules import packed_linears  # noqa: E402
 from robuq.deploy.pack import pack_ternary  # noqa: E402
-from robuq.kernels.mlp import fuse_gelu  # noqa: E402
 from robuq.kernels.quant_ops import rotate_quantize  # noqa: E402
 from robuq.kernels.rotation import rotation_layout  # noqa: E402
 from robuq.models import DIT_XL_2_256 as XL  # noqa: E402
@@ -190,35 +189,21 @@ def qkv_shared(res, bits, tokens):
 
 
 def gelu_fc2(res, bits, tokens):
-    """GELU + fc2 (8192x4608x1152): bf16 (GELU pass, then the linear) vs ours with the GELU as its
-    own pass vs ours with the GELU inside the rotate+quantize kernel (what the exported model runs)."""
-
+    """The GELU in front of fc2 (8192 x 4608): its own bf16 pass + the rotate+quantize kernel, vs the
+    kernel computing the GELU itself (``act="gelu_tanh"``, robuq.kernels.mlp, QAT's memory saver)."""
     torch.manual_seed(0)
     h = torch.randn(tokens, 4608, device=DEV, dtype=torch.bfloat16)
-    w = torch.randn(1152, 4608, device=DEV, dtype=torch.bfloat16) * 0.02
-    b = torch.randn(1152, device=DEV, dtype=torch.bfloat16)
-    net = torch.nn.Sequential(torch.nn.Linear(4608, 1152, device=DEV))
-    quantize_(net, QuantConfig(include=["0"], act_bits=bits))
-    net(F.gelu(h.float(), approximate="tanh"))
-    layer = PackedTernaryLinear.from_quant_linear(net[0])
     lay = rotation_layout(4608, "kronecker", None)
-    alpha = layer.alpha[:1].reshape(1, 1)
+    signs = torch.ones(4608, device=DEV)
+    alpha = torch.full((1, 1), 0.7, device=DEV)
     gelu = lambda: F.gelu(h, approximate="tanh")  # noqa: E731
-    t = dict(
-        bf16=gbench(lambda: F.linear(gelu(), w, b)),
-        gelu=gbench(gelu),
-        quant=gbench(lambda: rotate_quantize(h, layer.signs, lay, alpha, bits, True, 1, want_f8=True)),
-        quant_gelu_inside=gbench(lambda: rotate_quantize(h, layer.signs, lay, alpha, bits, True, 1, want_f8=True,
-                                                         act="gelu_tanh")),
-        ours_apart=gbench(lambda: layer(gelu())),
-        ours_inside=gbench(lambda: packed_linears([layer], h, act="gelu_tanh")),
-    )
-    res["gelu_fc2"] = {f"{k}_ms": v for k, v in t.items()}
+    quant = lambda x, act=None: rotate_quantize(x, signs, lay, alpha, bits, True, 1, want_f8=True, act=act)  # noqa: E731
+    t = dict(gelu=gbench(gelu), quant=gbench(lambda: quant(h)), gelu_then_quant=gbench(lambda: quant(gelu())),
+             quant_gelu_inside=gbench(lambda: quant(h, "gelu_tanh")))
+    res["gelu_fc2_input"] = {f"{k}_ms": v for k, v in t.items()}
     us = {k: f"{v * 1e3:.1f}" for k, v in t.items()}
-    print(f"\nGELU + fc2 ({tokens}x4608x1152, GPU us): bf16 {us['bf16']} (GELU pass {us['gelu']}) | quantize "
-          f"{us['quant']}, with the GELU inside {us['quant_gelu_inside']} | ours, GELU apart {us['ours_apart']} "
-          f"({t['bf16'] / t['ours_apart']:.2f}x) | ours, GELU inside {us['ours_inside']} "
-          f"({t['bf16'] / t['ours_inside']:.2f}x)", flush=True)
+    print(f"\nfc2 input ({tokens}x4608, GPU us): GELU pass {us['gelu']} | quantize {us['quant']} | GELU pass + "
+          f"quantize {us['gelu_then_quant']} | quantize with the GELU inside {us['quant_gelu_inside']}", flush=True)
 
 
 def overheads(res):
@@ -342,8 +327,6 @@ def forward_bench(res, batches, bits, profile_batch=None):
         size = sum(f.stat().st_size for f in Path(d).iterdir())
         print(f"export: {time.time() - t0:.1f} s, {size / 2**20:.1f} MiB on disk")
         packed = load_exported(d, device=DEV, dtype=torch.bfloat16)  # the user's path: one call
-        gelu_apart = load_exported(d, device=DEV, dtype=torch.bfloat16)
-    fuse_gelu(gelu_apart, can_share_input, packed_linears, enabled=False)  # diffusers' GELU pass, for comparison
     wb_diffusers = weight_bytes(bf16)["total"]
     wb_bf16 = weight_bytes(share_embedders(bf16))["total"]
     wb_ours = weight_bytes(packed)
@@ -363,14 +346,14 @@ def forward_bench(res, batches, bits, profile_batch=None):
     agree = ((got - ref_out).norm() / ref_out.norm()).item()
     res["packed_vs_student_rel_err"] = agree
     print(f"packed bf16 CUDA model vs fp32 fake-quant student, batch 4: rel. error {agree:.2e}")
-    models = [("bf16", bf16), ("ours", packed), ("ours, GELU apart", gelu_apart)]
+    models = [("bf16", bf16), ("ours", packed)]
     ao = torchao_int8(bf16)
     res["torchao"] = ao[0] if isinstance(ao, tuple) else "int8 dynamic activation, int8 weight"
     if not isinstance(ao, tuple):
         models.append(("torchao int8", ao))
     print(f"torchao: {res['torchao']}")
     if profile_batch:
-        kernel_profile(res, models[:3], inputs(profile_batch, torch.bfloat16))
+        kernel_profile(res, models[:2], inputs(profile_batch, torch.bfloat16))
     rows, out = [], []
     for bs in batches:
         xb, tb, yb = inputs(bs, torch.bfloat16)
@@ -395,11 +378,6 @@ def forward_bench(res, batches, bits, profile_batch=None):
                        if "torchao int8" in entry else ["n/a", "n/a"]))
         out.append(entry)
     res["forward"] = out
-    for entry in out:
-        e, a = entry["ours"], entry["ours, GELU apart"]
-        print(f"batch {entry['batch']}: ours with the GELU as its own pass: eager {a['eager_ms']:.2f} ms, graph "
-              f"{graph_cell(a['graph_ms'])} ms (GELU inside the quantize kernel: {e['eager_ms']:.2f} / "
-              f"{graph_cell(e['graph_ms'])} ms)")
     table(f"DiT-XL/2 forward (ms, median), bf16 vs packed W1.58A{bits} (vs torchao int8 dynamic)",
           ["batch", "bf16 eager", "ours eager", "ratio", "bf16 graph", "ours graph", "ratio", "bf16 peak GiB", "ours peak GiB",
            "torchao eager", "torchao graph"], rows)

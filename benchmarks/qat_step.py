@@ -4,11 +4,10 @@ Rows (issue 7):
   a  plain bf16 DiT-XL/2 step (fwd + bwd + AdamW): the baseline
   b  QAT student, pure-torch reference path (robuq.quant)
   c  QAT student, fused Triton path (robuq.kernels.qat.use_fused_kernels: forward GEMMs on fp8
-     tensor cores where the GPU has them, one rotate+quantize launch for q, k and v of each attention,
-     the MLP's GELU inside the kernels of fc2)
+     tensor cores where the GPU has them, one rotate+quantize launch for q, k and v of each attention)
   c16  (c) with the forward GEMMs in bf16 (robuq.kernels.qat.FP8_FORWARD = False)
   c3   (c) with q, k and v quantized by three launches (diffusers' own attention processor)
-  cg   (c) with the MLP's GELU as its own pass (diffusers' GELU module) instead of inside fc2's kernels
+  cg   (c) with the MLP's GELU inside the kernels of fc2 (fuse_activations: less memory, not faster)
   d  full QAT step: frozen bf16 teacher forward + (c) with the distillation MSE
 
     python benchmarks/qat_step.py [--rows a b c d] [--modes eager compile-regional graph] [--steps 10]
@@ -302,7 +301,7 @@ def main():
             if row == "b" and mode != "eager":
                 continue  # the reference path is the slow baseline; 3.4x eager (docs/PERFORMANCE.md)
             label = {"a": "a plain bf16", "b": "b QAT reference", "c": "c QAT fused", "c16": "c16 fused, bf16 fwd GEMM",
-                     "c3": "c3 fused, q/k/v apart", "cg": "cg fused, GELU apart",
+                     "c3": "c3 fused, q/k/v apart", "cg": "cg fused, GELU in kernel",
                      "d": "d QAT fused + teacher"}[row]
             qat.FP8_FORWARD = row != "c16"
             try:
@@ -312,7 +311,7 @@ def main():
                 else:
                     model = make_student(args.bits)
                     if row in ("c", "c16", "c3", "cg", "d"):
-                        fused = use_fused_kernels(model, fuse_activations=row != "cg")
+                        fused = use_fused_kernels(model, fuse_activations=row == "cg")
                         if row == "c3":
                             from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 

@@ -233,18 +233,14 @@ def can_share_input(layers) -> bool:
             and all(_launch_spec(m) == _launch_spec(first) and torch.equal(m.signs, first.signs) for m in layers))
 
 
-def packed_linears(layers, x: torch.Tensor, act: str | None = None) -> list[torch.Tensor]:
-    """``[layer(act(x)) for layer in layers]`` with one rotate+quantize launch for all of them on
-    CUDA (``can_share_input`` layers: each quantizes with its own step, then its own GEMM).
-    ``act``: None, or ``"gelu_tanh"`` (computed inside the kernel, see ``robuq.kernels.mlp``)."""
-    from robuq.kernels.quant_ops import act_id, mode_id, rotate_quantize
+def packed_linears(layers, x: torch.Tensor) -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]`` with one rotate+quantize launch for all of them on CUDA
+    (``can_share_input`` layers: each quantizes with its own step, then its own GEMM)."""
+    from robuq.kernels.quant_ops import mode_id, rotate_quantize
     from robuq.kernels.rotation import rotation_layout
 
     first = layers[0]
-    act_id(act)
     if not x.is_cuda or x.shape[-1] != first.in_features or any(m.gemm == "torch" for m in layers):
-        if act == "gelu_tanh":
-            x = F.gelu(x, approximate="tanh")
         return [m(x) for m in layers]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, first.in_features)
@@ -254,27 +250,24 @@ def packed_linears(layers, x: torch.Tensor, act: str | None = None) -> list[torc
     alpha = torch.cat([layer._alpha_per_token(x, m) for layer in layers])  # [G, 1 or M]
     mode = mode_id(first.mode, first.stat)
     if _fp8_exact(first.bits, first.signed):
-        r = rotate_quantize(x2, first.signs, lay, alpha, first.bits, first.signed, mode, want_f8=True, split=first.split,
-                            act=act)
+        r = rotate_quantize(x2, first.signs, lay, alpha, first.bits, first.signed, mode, want_f8=True, split=first.split)
         codes = r["f8"]
     else:  # A6..A8: bf16 codes (exact), fp32 accumulation in the packed kernel
         r = rotate_quantize(x2, first.signs, lay, alpha, first.bits, first.signed, mode, out="codes",
-                            out_dtype=torch.bfloat16, split=first.split, act=act)
+                            out_dtype=torch.bfloat16, split=first.split)
         codes = r["out"]
     return [layer._gemm_cuda(codes[i], r["s"][i], out_dtype).reshape(*lead, layer.out_features)
             for i, layer in enumerate(layers)]
 
 
-def fuse_launches(model: nn.Module) -> list[str]:
+def share_qkv_launches(model: nn.Module) -> list[str]:
     """One rotate+quantize launch for q, k and v of every attention whose projections allow it
-    (``robuq.kernels.attention.share_qkv``), and the MLPs' GELU inside their output projection's
-    launch (``robuq.kernels.mlp.fuse_gelu``); returns the names of those attentions and MLPs."""
+    (``robuq.kernels.attention.share_qkv``); returns those attentions' names."""
     try:
         from robuq.kernels.attention import share_qkv
-        from robuq.kernels.mlp import fuse_gelu
     except ImportError:  # no diffusers attention: nothing to share
         return []
-    return share_qkv(model, can_share_input, packed_linears) + fuse_gelu(model, can_share_input, packed_linears)
+    return share_qkv(model, can_share_input, packed_linears)
 
 
 def quant_layer_names(model: nn.Module) -> list[str]:
@@ -295,5 +288,5 @@ def pack_model(model: nn.Module) -> nn.Module:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, PackedTernaryLinear.from_quant_linear(getattr(owner, child)))
-    fuse_launches(model)
+    share_qkv_launches(model)
     return model

@@ -175,7 +175,7 @@ def check_fused_gelu():
         x = torch.randn(2, 5, 192)
         ff(x)
         ref, fus = copy.deepcopy(ff), copy.deepcopy(ff)
-        use_fused_kernels(fus)
+        use_fused_kernels(fus, fuse_activations=True)
         assert "forward" in fus.__dict__
         xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
         yr, yf = ref(xr), fus(xf)

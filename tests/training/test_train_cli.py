@@ -122,6 +122,15 @@ def test_fused_kernels_switch(tmp_path):
                                    plain.student(x, timestep=t, class_labels=y).sample, rtol=0, atol=0)
     with pytest.raises(ValueError, match="fused_kernels applies to task 'qat'"):
         DiTModule(task="pretrain", teacher=str(path), fused_kernels=True)
+    gelu = DiTModule(teacher=str(path), fused_kernels=True, fuse_gelu=True)
+    gelu.student.load_state_dict(plain.student.state_dict())
+    ff = gelu.ema.transformer_blocks[0].ff
+    assert ff.forward.__self__ is ff and "forward" not in fused.student.transformer_blocks[0].ff.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(gelu.student(x, timestep=t, class_labels=y).sample,
+                                   plain.student(x, timestep=t, class_labels=y).sample, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="set fused_kernels: true as well"):
+        DiTModule(teacher=str(path), fuse_gelu=True)
 
 
 def test_compile_blocks(tmp_path, monkeypatch):
