@@ -157,6 +157,7 @@ def layer_bench(res, tokens: int, bits: int):
     res["layers"] = out
     qkv_shared(res, bits, tokens)
     gelu_fc2(res, bits, tokens)
+    adaln_input(res, bits, tokens)
     table(f"Per-layer GPU times (us; CUDA graph of 10 calls, median of 20 replays), A{bits}. quant = fused "
           "rotate+quantize kernel (split = exact hi/lo rotation, fast = one bf16 rounding, block128 = block-diagonal "
           "H_128 rotation); ratio = bf16 / ours (exact = split variants only); eager = do_bench incl. launch overhead",
@@ -204,6 +205,30 @@ def gelu_fc2(res, bits, tokens):
     us = {k: f"{v * 1e3:.1f}" for k, v in t.items()}
     print(f"\nfc2 input ({tokens}x4608, GPU us): GELU pass {us['gelu']} | quantize {us['quant']} | GELU pass + "
           f"quantize {us['gelu_then_quant']} | quantize with the GELU inside {us['quant_gelu_inside']}", flush=True)
+
+
+def adaln_input(res, bits, tokens):
+    """The adaLN in front of q/k/v (8192 x 1152, batch 32 of 256 tokens): torch's LayerNorm and
+    modulation passes + the rotate+quantize kernel (G = 3), vs the kernel computing them itself."""
+    from robuq.deploy.modules import modulate
+
+    torch.manual_seed(0)
+    b = tokens // 256
+    x = torch.randn(b, 256, 1152, device=DEV, dtype=torch.bfloat16)
+    emb = torch.randn(b, 6912, device=DEV, dtype=torch.bfloat16) * 0.3
+    norm = (emb[:, 1152:2304], emb[:, :1152], 1e-6)
+    lay = rotation_layout(1152, "kronecker", None)
+    signs = torch.ones(1152, device=DEV)
+    alpha = torch.full((3, 1), 0.7, device=DEV)
+    quant = lambda v, **kw: rotate_quantize(v.reshape(-1, 1152), signs, lay, alpha, bits, True, 1, want_f8=True, **kw)  # noqa: E731
+    t = dict(modulate=gbench(lambda: modulate(x, norm)), quant=gbench(lambda: quant(x)),
+             modulate_then_quant=gbench(lambda: quant(modulate(x, norm))),
+             quant_norm_inside=gbench(lambda: quant(x, norm=norm)))
+    res["adaln_qkv_input"] = {f"{k}_ms": v for k, v in t.items()}
+    us = {k: f"{v * 1e3:.1f}" for k, v in t.items()}
+    print(f"\nq/k/v input ({tokens}x1152, G = 3, GPU us): LayerNorm + modulation {us['modulate']} | quantize "
+          f"{us['quant']} | both {us['modulate_then_quant']} | quantize with the adaLN inside "
+          f"{us['quant_norm_inside']}", flush=True)
 
 
 def overheads(res):
@@ -327,6 +352,9 @@ def forward_bench(res, batches, bits, profile_batch=None):
         size = sum(f.stat().st_size for f in Path(d).iterdir())
         print(f"export: {time.time() - t0:.1f} s, {size / 2**20:.1f} MiB on disk")
         packed = load_exported(d, device=DEV, dtype=torch.bfloat16)  # the user's path: one call
+        norms_apart = load_exported(d, device=DEV, dtype=torch.bfloat16)
+    for block in norms_apart.transformer_blocks:  # diffusers' block forward: the adaLN as its own passes
+        block.__dict__.pop("forward", None)
     wb_diffusers = weight_bytes(bf16)["total"]
     wb_bf16 = weight_bytes(share_embedders(bf16))["total"]
     wb_ours = weight_bytes(packed)
@@ -346,14 +374,14 @@ def forward_bench(res, batches, bits, profile_batch=None):
     agree = ((got - ref_out).norm() / ref_out.norm()).item()
     res["packed_vs_student_rel_err"] = agree
     print(f"packed bf16 CUDA model vs fp32 fake-quant student, batch 4: rel. error {agree:.2e}")
-    models = [("bf16", bf16), ("ours", packed)]
+    models = [("bf16", bf16), ("ours", packed), ("ours, norms apart", norms_apart)]
     ao = torchao_int8(bf16)
     res["torchao"] = ao[0] if isinstance(ao, tuple) else "int8 dynamic activation, int8 weight"
     if not isinstance(ao, tuple):
         models.append(("torchao int8", ao))
     print(f"torchao: {res['torchao']}")
     if profile_batch:
-        kernel_profile(res, models[:2], inputs(profile_batch, torch.bfloat16))
+        kernel_profile(res, models[:3], inputs(profile_batch, torch.bfloat16))
     rows, out = [], []
     for bs in batches:
         xb, tb, yb = inputs(bs, torch.bfloat16)
@@ -378,6 +406,11 @@ def forward_bench(res, batches, bits, profile_batch=None):
                        if "torchao int8" in entry else ["n/a", "n/a"]))
         out.append(entry)
     res["forward"] = out
+    for entry in out:
+        e, a = entry["ours"], entry["ours, norms apart"]
+        print(f"batch {entry['batch']}: ours with diffusers' block forward (adaLN as its own passes): eager "
+              f"{a['eager_ms']:.2f} ms, graph {graph_cell(a['graph_ms'])} ms; with the adaLN inside the quantize "
+              f"launches: {e['eager_ms']:.2f} / {graph_cell(e['graph_ms'])} ms")
     table(f"DiT-XL/2 forward (ms, median), bf16 vs packed W1.58A{bits} (vs torchao int8 dynamic)",
           ["batch", "bf16 eager", "ours eager", "ratio", "bf16 graph", "ours graph", "ratio", "bf16 peak GiB", "ours peak GiB",
            "torchao eager", "torchao graph"], rows)

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .modules import PackedTernaryLinear, pack_model, share_qkv_launches
+from .modules import PackedTernaryLinear, pack_model, fuse_launches
 from .pack import PACK_LAYOUT
 
 FORMAT = "robuq-packed-v1"
@@ -152,7 +152,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
         from robuq.quant.convert import _set_groups_from_timestep
 
         _set_groups_from_timestep(model, int(config["timestep_groups"]))
-    share_qkv_launches(model)
+    fuse_launches(model)
     return model.eval()
 
 

@@ -233,15 +233,23 @@ def can_share_input(layers) -> bool:
             and all(_launch_spec(m) == _launch_spec(first) and torch.equal(m.signs, first.signs) for m in layers))
 
 
-def packed_linears(layers, x: torch.Tensor) -> list[torch.Tensor]:
+def modulate(x: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
+    """DiT's adaLN in torch: ``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]`` (no affine)."""
+    scale, shift, eps = norm
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+def packed_linears(layers, x: torch.Tensor, norm=None) -> list[torch.Tensor]:
     """``[layer(x) for layer in layers]`` with one rotate+quantize launch for all of them on CUDA
-    (``can_share_input`` layers: each quantizes with its own step, then its own GEMM)."""
+    (``can_share_input`` layers: each quantizes with its own step, then its own GEMM). ``norm =
+    (scale [B, K], shift [B, K], eps)`` for x [B, T, K]: the layers read ``modulate(x, norm)``,
+    computed inside the launch (``robuq.deploy.block``)."""
     from robuq.kernels.quant_ops import mode_id, rotate_quantize
     from robuq.kernels.rotation import rotation_layout
 
     first = layers[0]
     if not x.is_cuda or x.shape[-1] != first.in_features or any(m.gemm == "torch" for m in layers):
-        return [m(x) for m in layers]
+        return [m(x if norm is None else modulate(x, norm)) for m in layers]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, first.in_features)
     m = x2.shape[0]
@@ -250,24 +258,28 @@ def packed_linears(layers, x: torch.Tensor) -> list[torch.Tensor]:
     alpha = torch.cat([layer._alpha_per_token(x, m) for layer in layers])  # [G, 1 or M]
     mode = mode_id(first.mode, first.stat)
     if _fp8_exact(first.bits, first.signed):
-        r = rotate_quantize(x2, first.signs, lay, alpha, first.bits, first.signed, mode, want_f8=True, split=first.split)
+        r = rotate_quantize(x2, first.signs, lay, alpha, first.bits, first.signed, mode, want_f8=True, split=first.split,
+                            norm=norm)
         codes = r["f8"]
     else:  # A6..A8: bf16 codes (exact), fp32 accumulation in the packed kernel
         r = rotate_quantize(x2, first.signs, lay, alpha, first.bits, first.signed, mode, out="codes",
-                            out_dtype=torch.bfloat16, split=first.split)
+                            out_dtype=torch.bfloat16, split=first.split, norm=norm)
         codes = r["out"]
     return [layer._gemm_cuda(codes[i], r["s"][i], out_dtype).reshape(*lead, layer.out_features)
             for i, layer in enumerate(layers)]
 
 
-def share_qkv_launches(model: nn.Module) -> list[str]:
+def fuse_launches(model: nn.Module) -> list[str]:
     """One rotate+quantize launch for q, k and v of every attention whose projections allow it
-    (``robuq.kernels.attention.share_qkv``); returns those attentions' names."""
+    (``robuq.kernels.attention.share_qkv``), and DiT blocks whose adaLN norms run inside those
+    launches (``robuq.deploy.block.fuse_block_norms``); returns the names of both."""
     try:
         from robuq.kernels.attention import share_qkv
+
+        from .block import fuse_block_norms
     except ImportError:  # no diffusers attention: nothing to share
         return []
-    return share_qkv(model, can_share_input, packed_linears)
+    return share_qkv(model, can_share_input, packed_linears) + fuse_block_norms(model)
 
 
 def quant_layer_names(model: nn.Module) -> list[str]:
@@ -288,5 +300,5 @@ def pack_model(model: nn.Module) -> nn.Module:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, PackedTernaryLinear.from_quant_linear(getattr(owner, child)))
-    share_qkv_launches(model)
+    fuse_launches(model)
     return model

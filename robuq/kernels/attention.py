@@ -23,19 +23,25 @@ class SharedQKVAttnProcessor(AttnProcessor2_0):
         if (encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3
                 or attn.spatial_norm is not None or attn.group_norm is not None or args or kwargs):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        b = hidden_states.shape[0]
-        q, k, v = [t.view(b, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
-                   for t in self.linears([attn.to_q, attn.to_k, attn.to_v], hidden_states)]
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[3]).to(q.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
+        return self_attention(attn, hidden_states, self.linears)
+
+
+def self_attention(attn: Attention, hidden_states, linears: Callable, **linears_kwargs):
+    """``AttnProcessor2_0``'s self-attention (3-D input, no mask) with q, k, v from
+    ``linears([to_q, to_k, to_v], hidden_states, **linears_kwargs)``."""
+    b = hidden_states.shape[0]
+    q, k, v = [t.view(b, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+               for t in linears([attn.to_q, attn.to_k, attn.to_v], hidden_states, **linears_kwargs)]
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[3]).to(q.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    if attn.residual_connection:
+        out = out + hidden_states
+    return out / attn.rescale_output_factor
 
 
 def share_qkv(model, can_share: Callable, linears: Callable, enabled: bool = True) -> list[str]:

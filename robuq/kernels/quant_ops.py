@@ -130,9 +130,12 @@ def rotate_quantize(
     split: bool = True,
     round_to_bf16: bool = False,
     act: str | None = None,
+    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """x [M, K] -> codes for each of the G rows of ``alpha`` ([G, M] per token, or [G, 1]) of
-    ``act(x)`` (``act="gelu_tanh"``: x is the pre-activation; None: x itself).
+    ``act(x)`` (``act="gelu_tanh"``: x is the pre-activation; None: x itself), or with ``norm =
+    (scale [B, K], shift [B, K], eps)`` of the adaLN ``LayerNorm(x) * (1 + scale_b) + shift_b``,
+    where token m belongs to sample b = m // (M / B) (rows of scale and shift may be strided views).
 
     ``round_to_bf16``: round an fp32 x to bf16 as it is loaded (what bf16 autocast does to a
     linear's input), which runs the faster bf16 tile. Returns a dict with 's' [G, M] fp32 and, as
@@ -147,6 +150,7 @@ def rotate_quantize(
     dev = x.device
     res: dict[str, torch.Tensor] = {"s": torch.empty(g, m, device=dev, dtype=torch.float32)}
     dummy = res["s"]
+    scale, shift, ln_eps, per_sample = _norm_args(norm, x, act, dummy)
     i8 = torch.empty(g, m, k, device=dev, dtype=torch.int8) if want_i8 else dummy
     f8 = torch.empty(g, m, k, device=dev, dtype=torch.float8_e4m3fn) if want_f8 else dummy
     o = torch.empty(g, m, k, device=dev, dtype=out_dtype) if out else dummy
@@ -156,8 +160,9 @@ def rotate_quantize(
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, dev, _factor_dtype())
         grid = _grid(m, dev, lay)
         tq.rotq_fwd_kernel[grid](
-            x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st,
+            x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st, scale, shift,
             m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
+            per_sample, scale.stride(0) if norm is not None else 0, NORM=norm is not None, LN_EPS=ln_eps,
             G=g, RELOAD=_reload(lay, backward=False), STAGES=_stages(lay, tdt, backward=False),
             W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
             num_warps=_warps(lay), **_common(lay, bits, signed, mode, tdt, split, act),
@@ -171,6 +176,21 @@ def rotate_quantize(
     if want_stat:
         res["stat"] = st
     return res
+
+
+def _norm_args(norm, x: torch.Tensor, act: str | None, dummy: torch.Tensor):
+    """(scale, shift, eps, tokens per sample) kernel arguments of an adaLN ``norm`` (or dummies)."""
+    if norm is None:
+        return dummy, dummy, 0.0, 1
+    scale, shift, eps = norm
+    m, k = x.shape
+    if act is not None:
+        raise ValueError("rotate_quantize: norm and act cannot be combined (the adaLN feeds a linear, not a GELU)")
+    if scale.dim() != 2 or scale.shape != shift.shape or scale.shape[1] != k or scale.stride(1) != 1 or (
+            shift.stride(0) != scale.stride(0)) or scale.shape[0] == 0 or m % scale.shape[0]:
+        raise ValueError(f"rotate_quantize: norm scale and shift must be [B, {k}] with unit column stride and one "
+                         f"row stride, B dividing the {m} tokens; got {tuple(scale.shape)} / {tuple(shift.shape)}")
+    return scale, shift, float(eps), m // scale.shape[0]
 
 
 def rotate_quantize_backward(

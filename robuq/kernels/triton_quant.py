@@ -13,6 +13,10 @@ bits), so rotated values match an fp32 rotation to ~1e-5 relative and codes diff
 float64 reference only for values within that distance of a rounding boundary. ``split=False``
 rounds the intermediate to bf16 once (faster, ~1e-3 relative).
 
+``NORM`` (forward only, for inference) fuses the adaLN in front: the kernel reads the residual
+stream x and quantizes LayerNorm(x) * (1 + scale_b) + shift_b with its sample's scale and shift,
+so a DiT block's norm and modulation passes never reach memory.
+
 ``ACT = 1`` fuses a GELU (tanh form) in front: the kernel reads the pre-activation h, quantizes
 GELU(h), and the backward multiplies dx by GELU'(h), so the activation pass of an MLP (diffusers'
 ``GELU`` module feeding the output projection) never reaches memory.
@@ -92,6 +96,25 @@ def _signed_token(ptrs, mask, sg, X16: tl.constexpr, ACT: tl.constexpr):
 
 
 @triton.jit
+def _modulated_token(ptrs, mask, sc_ptrs, sh_ptrs, sg, K: tl.constexpr, LN_EPS: tl.constexpr, X16: tl.constexpr):
+    """adaLN: LayerNorm(x) * (1 + scale) + shift (no affine; scale and shift of the token's sample),
+    in fp32, rounded once to x's dtype, times d. Padded elements stay 0 (scale and shift load as 0)."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    mean = tl.sum(tl.sum(xf, axis=1), axis=0) / K
+    d = tl.where(mask, xf - mean, 0.0)
+    var = tl.sum(tl.sum(d * d, axis=1), axis=0) / K
+    sc = tl.load(sc_ptrs, mask=mask, other=0.0).to(tl.float32)
+    sh = tl.load(sh_ptrs, mask=mask, other=0.0).to(tl.float32)
+    y = (d * tl.rsqrt(var + LN_EPS) * (1.0 + sc) + sh).to(x.dtype)
+    if X16:
+        y = y.to(tl.bfloat16) * sg
+    else:
+        y = y.to(tl.float32) * sg
+    return y
+
+
+@triton.jit
 def _right(z, R, SPLIT: tl.constexpr, DOT_DT: tl.constexpr):
     """z @ R, z fp32, R exact in DOT_DT."""
     zh = z.to(DOT_DT)
@@ -164,8 +187,8 @@ def _quantize(v, QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr):
 
 @triton.jit
 def rotq_fwd_kernel(
-    X, SIGNS, LEFT, RIGHT, ALPHA, CODES_I8, CODES_F8, OUT, S, STAT,
-    M, n_iter, stride_x, alpha_sg, alpha_st, codes_sg, s_sg,
+    X, SIGNS, LEFT, RIGHT, ALPHA, CODES_I8, CODES_F8, OUT, S, STAT, SCALE, SHIFT,
+    M, n_iter, stride_x, alpha_sg, alpha_st, codes_sg, s_sg, tokens_per_sample, stride_mod,
     ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
     QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr,
     ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
@@ -173,6 +196,7 @@ def rotq_fwd_kernel(
     SQRT_N: tl.constexpr, EPS: tl.constexpr,
     W_I8: tl.constexpr, W_F8: tl.constexpr, W_OUT: tl.constexpr, OUT_SCALED: tl.constexpr, W_STAT: tl.constexpr,
     RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr, ACT: tl.constexpr,
+    NORM: tl.constexpr, LN_EPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -196,7 +220,11 @@ def rotq_fwd_kernel(
         if RELOAD:
             L = tl.load(LEFT + l_offs)
             R = tl.load(RIGHT + r_offs)
-        x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
+        if NORM:
+            mod = (t // tokens_per_sample) * stride_mod + offs
+            x = _modulated_token(X + t * stride_x + offs, mtok, SCALE + mod, SHIFT + mod, sg, K, LN_EPS, X16)
+        else:
+            x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
         y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
         st = _stat(y, MODE, K, EPS)
         st = tl.maximum(st, EPS)

@@ -191,6 +191,35 @@ def check_fused_gelu():
     print("fused gelu ok")
 
 
+def check_fused_norm():
+    """The adaLN inside the forward kernel (inference): LayerNorm(x) * (1 + scale_b) + shift_b with
+    strided scale/shift rows (chunks of the modulation output) against torch's ops, then the kernel."""
+    from robuq.deploy.modules import modulate
+
+    torch.manual_seed(3)
+    b, t, k = 3, 5, 192
+    x = torch.randn(b, t, k) * 2 + 0.5
+    emb = torch.randn(b, 6 * k) * 0.3
+    shift, scale = emb[:, :k], emb[:, k:2 * k]
+    lay = rotation_layout(k, "kronecker", None)
+    signs = torch.where(torch.rand(k) < 0.5, -1.0, 1.0)
+    alpha = torch.full((2, 1), 0.8)
+    alpha[1] = 1.3
+    fused = rotate_quantize(x.reshape(-1, k), signs, lay, alpha, 3, True, 1, out="scaled", out_dtype=torch.float32,
+                            norm=(scale, shift, 1e-6))
+    ref = rotate_quantize(modulate(x, (scale, shift, 1e-6)).reshape(-1, k), signs, lay, alpha, 3, True, 1,
+                          out="scaled", out_dtype=torch.float32)
+    assert rel(fused["out"], ref["out"]) < 1e-5 and rel(fused["s"], ref["s"]) < 1e-5, rel(fused["out"], ref["out"])
+    for bad in [(scale[:2], shift[:2], 1e-6), (scale[:, :100], shift[:, :100], 1e-6)]:
+        try:
+            rotate_quantize(x.reshape(-1, k), signs, lay, alpha, 3, True, 1, want_i8=True, norm=bad)
+        except ValueError as e:
+            assert "norm scale and shift must be [B, 192]" in str(e), e
+        else:
+            raise AssertionError("no error for a bad norm")
+    print("fused norm ok")
+
+
 if __name__ == "__main__":
     check_layouts()
     check_packed_gemm()
@@ -199,5 +228,6 @@ if __name__ == "__main__":
     check_qat()
     check_fused_qkv()
     check_fused_gelu()
+    check_fused_norm()
     print("OK")
     sys.exit(0)
