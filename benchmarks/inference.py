@@ -374,14 +374,19 @@ def forward_bench(res, batches, bits, profile_batch=None):
     agree = ((got - ref_out).norm() / ref_out.norm()).item()
     res["packed_vs_student_rel_err"] = agree
     print(f"packed bf16 CUDA model vs fp32 fake-quant student, batch 4: rel. error {agree:.2e}")
-    models = [("bf16", bf16), ("ours", packed), ("ours, norms apart", norms_apart)]
+    # diffusers' residual stream is a transposed view (from the patch embedding), which slows every
+    # elementwise op of the bf16 model; the same model with a contiguous stream, for a fair comparison
+    bf16_contiguous = copy.deepcopy(bf16)
+    bf16_contiguous.pos_embed.register_forward_hook(lambda module, args, out: out.contiguous())
+    models = [("bf16", bf16), ("ours", packed), ("ours, norms apart", norms_apart),
+              ("bf16, contiguous stream", bf16_contiguous)]
     ao = torchao_int8(bf16)
     res["torchao"] = ao[0] if isinstance(ao, tuple) else "int8 dynamic activation, int8 weight"
     if not isinstance(ao, tuple):
         models.append(("torchao int8", ao))
     print(f"torchao: {res['torchao']}")
     if profile_batch:
-        kernel_profile(res, models[:3], inputs(profile_batch, torch.bfloat16))
+        kernel_profile(res, models[:4], inputs(profile_batch, torch.bfloat16))
     rows, out = [], []
     for bs in batches:
         xb, tb, yb = inputs(bs, torch.bfloat16)
@@ -411,11 +416,14 @@ def forward_bench(res, batches, bits, profile_batch=None):
         print(f"batch {entry['batch']}: ours with diffusers' block forward (adaLN as its own passes): eager "
               f"{a['eager_ms']:.2f} ms, graph {graph_cell(a['graph_ms'])} ms; with the adaLN inside the quantize "
               f"launches: {e['eager_ms']:.2f} / {graph_cell(e['graph_ms'])} ms")
+        c = entry["bf16, contiguous stream"]
+        print(f"batch {entry['batch']}: bf16 with a contiguous residual stream: eager {c['eager_ms']:.2f} ms, graph "
+              f"{graph_cell(c['graph_ms'])} ms")
     table(f"DiT-XL/2 forward (ms, median), bf16 vs packed W1.58A{bits} (vs torchao int8 dynamic)",
           ["batch", "bf16 eager", "ours eager", "ratio", "bf16 graph", "ours graph", "ratio", "bf16 peak GiB", "ours peak GiB",
            "torchao eager", "torchao graph"], rows)
     try:
-        sampling_bench(res, bf16, packed)
+        sampling_bench(res, [("bf16", bf16), ("ours", packed), ("bf16, contiguous stream", bf16_contiguous)])
     except Exception as e:  # noqa: BLE001  (keep the tables above in the JSON)
         res["sampling"] = f"failed: {type(e).__name__}: {e}"
         print(f"sampling benchmark failed: {type(e).__name__}: {e}")
@@ -453,15 +461,16 @@ def torchao_int8(bf16):
         return (f"unavailable: {type(e).__name__}: {str(e)[:160]}",)
 
 
-def sampling_bench(res, bf16, packed, batch=8, steps=250, cfg=4.0):
+def sampling_bench(res, models, batch=8, steps=250, cfg=4.0):
     """Wall time of ``steps``-step DDPM sampling with CFG (model batch 2 x ``batch``) through
-    RobuQDiTPipeline, eager and with CUDAGraphDiT; bf16 and ours through the same loop."""
+    RobuQDiTPipeline, eager and with CUDAGraphDiT; each (name, model) through the same loop, ratios
+    of "bf16" to "ours"."""
     from robuq.deploy import CUDAGraphDiT, RobuQDiTPipeline
     from robuq.evaluation.sampling import make_scheduler
 
     labels = list(range(batch))
     rows, out = [], {}
-    for name, model in (("bf16", bf16), ("ours", packed)):
+    for name, model in models:
         for mode in ("eager", "graph"):
             pipe = RobuQDiTPipeline(CUDAGraphDiT(model) if mode == "graph" else model, make_scheduler("ddpm", True))
             run = lambda n: pipe(labels, guidance_scale=cfg, num_inference_steps=n, output_type="pt",  # noqa: E731
@@ -476,7 +485,7 @@ def sampling_bench(res, bf16, packed, batch=8, steps=250, cfg=4.0):
         diff = (out[f"{name}_graph_images"] - out[f"{name}_eager_images"]).abs().max().item()
         out[f"{name}_graph_vs_eager_max_abs"] = diff
         rows.append([name, f"{out[f'{name}_eager_s']:.2f}", f"{out[f'{name}_graph_s']:.2f}", f"{diff:.1e}"])
-    for name in ("bf16", "ours"):
+    for name, _ in models:
         for mode in ("eager", "graph"):
             del out[f"{name}_{mode}_images"]
     res["sampling"] = dict(batch=batch, steps=steps, cfg=cfg, scheduler="ddpm", **out)
