@@ -379,7 +379,8 @@ def forward_bench(res, batches, bits, profile_batch=None):
     bf16_contiguous = copy.deepcopy(bf16)
     bf16_contiguous.pos_embed.register_forward_hook(lambda module, args, out: out.contiguous())
     models = [("bf16", bf16), ("ours", packed), ("ours, norms apart", norms_apart),
-              ("bf16, contiguous stream", bf16_contiguous)]
+              ("bf16, contiguous stream", bf16_contiguous),
+              ("bf16, as sampling runs it", AutocastFP32Input(bf16)), ("ours, as sampling runs it", AutocastFP32Input(packed))]
     ao = torchao_int8(bf16)
     res["torchao"] = ao[0] if isinstance(ao, tuple) else "int8 dynamic activation, int8 weight"
     if not isinstance(ao, tuple):
@@ -419,6 +420,9 @@ def forward_bench(res, batches, bits, profile_batch=None):
         c = entry["bf16, contiguous stream"]
         print(f"batch {entry['batch']}: bf16 with a contiguous residual stream: eager {c['eager_ms']:.2f} ms, graph "
               f"{graph_cell(c['graph_ms'])} ms")
+        b, o = entry["bf16, as sampling runs it"], entry["ours, as sampling runs it"]
+        print(f"batch {entry['batch']}: fp32 input under bf16 autocast (how RobuQDiTPipeline calls the model): bf16 "
+              f"graph {graph_cell(b['graph_ms'])} ms, ours {graph_cell(o['graph_ms'])} ms")
     table(f"DiT-XL/2 forward (ms, median), bf16 vs packed W1.58A{bits} (vs torchao int8 dynamic)",
           ["batch", "bf16 eager", "ours eager", "ratio", "bf16 graph", "ours graph", "ratio", "bf16 peak GiB", "ours peak GiB",
            "torchao eager", "torchao graph"], rows)
@@ -428,6 +432,19 @@ def forward_bench(res, batches, bits, profile_batch=None):
         res["sampling"] = f"failed: {type(e).__name__}: {e}"
         print(f"sampling benchmark failed: {type(e).__name__}: {e}")
     del bf16, teacher
+
+
+class AutocastFP32Input(torch.nn.Module):
+    """``model`` called as the sampling loop calls it (``robuq.evaluation.sampling.denoise``): fp32
+    latents under bf16 autocast."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, timestep, class_labels):
+        with torch.autocast("cuda", torch.bfloat16):
+            return self.model(x.float(), timestep=timestep, class_labels=class_labels)
 
 
 def kernel_profile(res, models, args):
