@@ -73,6 +73,23 @@ def test_cfg_is_uncond_plus_scale_times_difference(scheduler):
     torch.testing.assert_close(guided, plain)
 
 
+class RecordsInput(ConstantEps):
+    def forward(self, x, timestep, class_labels):
+        self.seen = (x.dtype, torch.is_autocast_enabled("cpu"))
+        return super().forward(x, timestep, class_labels)
+
+
+@pytest.mark.parametrize("stored,seen", [
+    (torch.bfloat16, (torch.bfloat16, False)),  # a bf16 model gets bf16 inputs, as diffusers' DiTPipeline feeds it
+    (torch.float32, (torch.float32, True)),  # an fp32 model runs under bf16 autocast
+])
+def test_compute_dtype(stored, seen):
+    model = RecordsInput(0.1).to(stored)
+    x = sample(model, [0, 1], scheduler="ddim", steps=2, num_classes=10, sample_shape=(1, 4, 4), learned_sigma=False,
+               progress=False, dtype=torch.bfloat16)
+    assert model.seen == seen and x.dtype == torch.float32
+
+
 def test_bad_inputs(make_tiny_dit):
     model = make_tiny_dit()
     with pytest.raises(ValueError, match="labels must be in"):
