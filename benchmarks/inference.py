@@ -231,6 +231,20 @@ def adaln_input(res, bits, tokens):
           f"{us['quant_norm_inside']}", flush=True)
 
 
+def residual_bench(res, tokens):
+    """The gated residual x + gate_b * y at 8192 x 1152: torch.addcmul vs robuq.kernels.residual."""
+    from robuq.kernels.residual import gated_residual
+
+    torch.manual_seed(0)
+    x = torch.randn(tokens // 256, 256, 1152, device=DEV, dtype=torch.bfloat16)
+    y = torch.randn_like(x)
+    gate = torch.randn(tokens // 256, 6912, device=DEV, dtype=torch.bfloat16)[:, 2304:3456]
+    t = dict(addcmul=gbench(lambda: torch.addcmul(x, gate.unsqueeze(1), y)), ours=gbench(lambda: gated_residual(x, gate, y)))
+    res["gated_residual"] = {f"{k}_ms": v for k, v in t.items()}
+    print(f"\ngated residual ({tokens}x1152, GPU us): torch.addcmul {t['addcmul'] * 1e3:.1f} | "
+          f"robuq.kernels.residual {t['ours'] * 1e3:.1f}", flush=True)
+
+
 def overheads(res):
     x = torch.randn(16, 1152, device=DEV, dtype=torch.bfloat16)
     w = torch.randn(1152, 1152, device=DEV, dtype=torch.bfloat16)
@@ -333,6 +347,7 @@ def graph_time(model, args):
 
 
 def forward_bench(res, batches, bits, profile_batch=None):
+    residual_bench(res, 8192)
     teacher = build_xl(torch.float32)
     student = copy.deepcopy(teacher)
     bf16 = teacher.to(torch.bfloat16).eval()

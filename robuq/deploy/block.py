@@ -8,7 +8,8 @@ diffusers' ``BasicTransformerBlock`` (``norm_type="ada_norm_zero"``) computes, p
 with the LayerNorm, the scale and the shift as three passes over the 8192 x 1152 residual stream
 for each of the two norms (DiT-XL/2 at batch 32, H100: ~4.4 ms of a 22 ms bf16 forward). Here the
 rotate+quantize launch of q/k/v and of fc1 reads x and computes the norm and modulation itself
-(``packed_linears(..., norm=...)``), and each gated residual is one ``addcmul``. The weights,
+(``packed_linears(..., norm=...)``), and each gated residual is one vectorized pass
+(``robuq.kernels.residual``). The weights,
 the results (up to one bf16 rounding of the modulated input) and the module tree are diffusers'.
 """
 
@@ -16,12 +17,12 @@ from __future__ import annotations
 
 import types
 
-import torch
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.activations import GELU
 from torch import nn
 
 from robuq.kernels.attention import SharedQKVAttnProcessor, self_attention
+from robuq.kernels.residual import gated_residual
 
 from .modules import can_share_input, packed_linears
 
@@ -56,13 +57,13 @@ def _fused_forward(self, hidden_states, attention_mask=None, encoder_hidden_stat
     emb = n1.linear(n1.silu(n1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
     attn = self_attention(self.attn1, hidden_states, packed_linears, norm=(scale_msa, shift_msa, n1.norm.eps))
-    hidden_states = torch.addcmul(hidden_states, gate_msa.unsqueeze(1), attn)
+    hidden_states = gated_residual(hidden_states, gate_msa, attn)
     gelu = self.ff.net[0]
     h = packed_linears([gelu.proj], hidden_states, norm=(scale_mlp, shift_mlp, self.norm3.eps))[0]
     out = gelu.gelu(h)
     for layer in self.ff.net[1:]:  # dropout (identity in eval), fc2
         out = layer(out)
-    return torch.addcmul(hidden_states, gate_mlp.unsqueeze(1), out)
+    return gated_residual(hidden_states, gate_mlp, out)
 
 
 def fuse_block_norms(model: nn.Module) -> list[str]:

@@ -339,6 +339,16 @@ def test_packed_dit_blocks_with_fused_norms_match_diffusers_blocks():
     assert torch.isfinite(got).all() and rel(got, want) < 3e-2, rel(got, want)
 
 
+def test_gated_residual_matches_addcmul():
+    from robuq.kernels.residual import gated_residual
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 256, 1152, device=DEV).bfloat16(), torch.randn(32, 256, 1152, device=DEV).bfloat16()
+    gate = torch.randn(32, 6912, device=DEV).bfloat16()[:, 2304:3456]
+    got, want = gated_residual(x, gate, y), torch.addcmul(x, gate.unsqueeze(1), y)
+    assert (got != want).float().mean() < 1e-3 and rel(got, want) < 1e-3
+
+
 @pytest.mark.parametrize("n,k", [(1152, 1152), (4608, 1152), (1152, 4608), (6912, 1152), (3, 5)])
 def test_ternary_weight_kernel_matches_torch(n, k):
     w = torch.randn(n, k, device=DEV) * 0.02
