@@ -150,7 +150,7 @@ def rotate_quantize(
     dev = x.device
     res: dict[str, torch.Tensor] = {"s": torch.empty(g, m, device=dev, dtype=torch.float32)}
     dummy = res["s"]
-    scale, shift, ln_eps, per_sample = _norm_args(norm, x, act, dummy)
+    scale, shift, ln_eps, per_sample, stride_mod = _norm_args(norm, x, act, dummy)
     i8 = torch.empty(g, m, k, device=dev, dtype=torch.int8) if want_i8 else dummy
     f8 = torch.empty(g, m, k, device=dev, dtype=torch.float8_e4m3fn) if want_f8 else dummy
     o = torch.empty(g, m, k, device=dev, dtype=out_dtype) if out else dummy
@@ -162,7 +162,7 @@ def rotate_quantize(
         tq.rotq_fwd_kernel[grid](
             x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st, scale, shift,
             m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
-            per_sample, scale.stride(0) if norm is not None else 0, NORM=norm is not None, LN_EPS=ln_eps,
+            per_sample, stride_mod, NORM=norm is not None, LN_EPS=ln_eps,
             G=g, RELOAD=_reload(lay, backward=False), STAGES=_stages(lay, tdt, backward=False),
             W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
             num_warps=_warps(lay), **_common(lay, bits, signed, mode, tdt, split, act),
@@ -179,9 +179,10 @@ def rotate_quantize(
 
 
 def _norm_args(norm, x: torch.Tensor, act: str | None, dummy: torch.Tensor):
-    """(scale, shift, eps, tokens per sample) kernel arguments of an adaLN ``norm`` (or dummies)."""
+    """(scale, shift, eps, tokens per sample, row stride) kernel arguments of an adaLN ``norm`` (or
+    dummies)."""
     if norm is None:
-        return dummy, dummy, 0.0, 1
+        return dummy, dummy, 0.0, 1, 0
     scale, shift, eps = norm
     m, k = x.shape
     if act is not None:
@@ -190,7 +191,7 @@ def _norm_args(norm, x: torch.Tensor, act: str | None, dummy: torch.Tensor):
             shift.stride(0) != scale.stride(0)) or scale.shape[0] == 0 or m % scale.shape[0]:
         raise ValueError(f"rotate_quantize: norm scale and shift must be [B, {k}] with unit column stride and one "
                          f"row stride, B dividing the {m} tokens; got {tuple(scale.shape)} / {tuple(shift.shape)}")
-    return scale, shift, float(eps), m // scale.shape[0]
+    return scale, shift, float(eps), m // scale.shape[0], scale.stride(0)
 
 
 def rotate_quantize_backward(

@@ -88,11 +88,17 @@ def _signed_token(ptrs, mask, sg, X16: tl.constexpr, ACT: tl.constexpr):
     x = tl.load(ptrs, mask=mask, other=0.0)
     if ACT == 1:
         x = _gelu_tanh(x.to(tl.float32)).to(x.dtype)
+    return _signed(x, sg, X16)
+
+
+@triton.jit
+def _signed(x, sg, X16: tl.constexpr):
+    """x * d as the dot operand: bf16 (exact, d is +-1) for X16, else fp32."""
     if X16:
-        x = x.to(tl.bfloat16) * sg
+        y = x.to(tl.bfloat16) * sg
     else:
-        x = x.to(tl.float32) * sg
-    return x
+        y = x.to(tl.float32) * sg
+    return y
 
 
 @triton.jit
@@ -107,11 +113,7 @@ def _modulated_token(ptrs, mask, sc_ptrs, sh_ptrs, sg, K: tl.constexpr, LN_EPS: 
     sc = tl.load(sc_ptrs, mask=mask, other=0.0).to(tl.float32)
     sh = tl.load(sh_ptrs, mask=mask, other=0.0).to(tl.float32)
     y = (d * tl.rsqrt(var + LN_EPS) * (1.0 + sc) + sh).to(x.dtype)
-    if X16:
-        y = y.to(tl.bfloat16) * sg
-    else:
-        y = y.to(tl.float32) * sg
-    return y
+    return _signed(y, sg, X16)
 
 
 @triton.jit
