@@ -8,7 +8,9 @@ Rows (issue 7):
   c16  (c) with the forward GEMMs in bf16 (robuq.kernels.qat.FP8_FORWARD = False)
   c3   (c) with q, k and v quantized by three launches (diffusers' own attention processor)
   cg   (c) with the MLP's GELU inside the kernels of fc2 (fuse_activations: less memory, not faster)
-  d  full QAT step: frozen bf16 teacher forward + (c) with the distillation MSE
+  d  full QAT step: frozen bf16 teacher forward + (c) with the distillation MSE; the teacher runs
+     as a plain bf16 model (robuq.models.frozen_forward, what DiTModule does)
+  da (d) with the teacher under the step's autocast (before session 7: its LayerNorms in fp32)
 
     python benchmarks/qat_step.py [--rows a b c d] [--modes eager compile-regional graph] [--steps 10]
 
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import gbench, profile_kernels  # noqa: E402
 from robuq.models import DIT_XL_2_256 as XL  # noqa: E402
+from robuq.models import dit_forward, frozen_forward  # noqa: E402
 from robuq.quant import QuantConfig, quantize_  # noqa: E402
 
 DEV = "cuda"
@@ -76,7 +79,7 @@ def _compile(model, how):
     return model
 
 
-def run_row(name, model, teacher, bs, steps, mode, profile=False):
+def run_row(name, model, teacher, bs, steps, mode, profile=False, teacher_autocast=False):
     """Time one training step (fwd + bwd + AdamW) in ``mode``: "eager", "compile-regional",
     "compile-full", "graph" (the whole step captured once in a CUDA graph and replayed: GPU time
     without host launch overhead) or "compile-graph" (per-block compile, then the whole step as
@@ -95,7 +98,7 @@ def run_row(name, model, teacher, bs, steps, mode, profile=False):
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
             if tfwd is not None:
                 with torch.no_grad():
-                    tgt = tfwd(x, timestep=t, class_labels=y).sample
+                    tgt = (dit_forward if teacher_autocast else frozen_forward)(tfwd, x, t, y)
             else:
                 tgt = target
             out = fwd(x, timestep=t, class_labels=y).sample
@@ -302,7 +305,7 @@ def main():
                 continue  # the reference path is the slow baseline; 3.4x eager (docs/PERFORMANCE.md)
             label = {"a": "a plain bf16", "b": "b QAT reference", "c": "c QAT fused", "c16": "c16 fused, bf16 fwd GEMM",
                      "c3": "c3 fused, q/k/v apart", "cg": "cg fused, GELU in kernel",
-                     "d": "d QAT fused + teacher"}[row]
+                     "d": "d QAT fused + teacher", "da": "da (d), teacher autocast"}[row]
             qat.FP8_FORWARD = row != "c16"
             try:
                 teacher = None
@@ -310,7 +313,7 @@ def main():
                     model = build_xl().train()
                 else:
                     model = make_student(args.bits)
-                    if row in ("c", "c16", "c3", "cg", "d"):
+                    if row in ("c", "c16", "c3", "cg", "d", "da"):
                         fused = use_fused_kernels(model, fuse_activations=row == "cg")
                         if row == "c3":
                             from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -319,9 +322,9 @@ def main():
                                 if isinstance(m, Attention):
                                     m.set_processor(AttnProcessor2_0())
                         print(f"  {label}: {sum(fused.values())}/{len(fused)} layers fused")
-                    if row == "d":
+                    if row in ("d", "da"):
                         teacher = build_xl().to(torch.bfloat16).eval().requires_grad_(False)
-                r = run_row(label, model, teacher, args.batch, args.steps, mode, args.profile)
+                r = run_row(label, model, teacher, args.batch, args.steps, mode, args.profile, teacher_autocast=row == "da")
                 results.append(r)
                 print(f"  {label:24s} {mode:16s} {r['ms']:8.1f} ms/step  {r['images_s']:7.1f} img/s  "
                       f"peak {r['peak_gib']:5.1f} GiB  (warm-up {r['warmup_s']:.0f} s, "

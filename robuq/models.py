@@ -100,6 +100,24 @@ def dit_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Ten
     return model(x, timestep=t, class_labels=y).sample
 
 
+def native_dtype(model: nn.Module) -> torch.dtype | None:
+    """The half-precision dtype (bf16/fp16) every parameter of ``model`` is stored in, else None."""
+    dtypes = {p.dtype for p in model.parameters()}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16} else None
+
+
+def frozen_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``dit_forward`` of a frozen model in its own dtype: a model stored in bf16/fp16 runs natively,
+    autocast off, on x cast to that dtype (as diffusers' pipelines run one; autocast would put its
+    LayerNorms and the modulation after them in fp32, docs/PERFORMANCE.md section 3); any other
+    model runs under the caller's autocast."""
+    dtype = native_dtype(model)
+    if dtype is None:
+        return dit_forward(model, x, t, y)
+    with torch.autocast(x.device.type, enabled=False):
+        return dit_forward(model, x.to(dtype), t, y)
+
+
 def save_pretrained_from_ckpt(ckpt: str, out_dir: str, dtype: str = "float16", use_ema: bool = True) -> None:
     """Write a robuq checkpoint's (EMA) model as a diffusers directory of safetensors."""
     from .module import load_for_eval

@@ -14,7 +14,8 @@ from torch import nn
 
 from .checkpoint import safe_load
 from .diffusion import NUM_TRAIN_TIMESTEPS, Schedule, diffusion_loss
-from .models import build_dit, check_same_architecture, dit_config, dit_forward, disable_label_dropout, load_dit, num_classes
+from .models import (build_dit, check_same_architecture, dit_config, dit_forward, disable_label_dropout, frozen_forward,
+                     load_dit, num_classes)
 from .quant import QuantConfig, act_bits, lsq_quantizers, quantize_
 
 TASKS = ("pretrain", "qat")
@@ -153,7 +154,7 @@ class DiTModule(L.LightningModule):
             losses["loss"] = losses["diffusion"]
             return losses
         with torch.no_grad(), _block_outputs(self.teacher, want_features) as t_feats:
-            target = dit_forward(self.teacher, xt.to(self._teacher_dtype()), t, y).float()
+            target = frozen_forward(self.teacher, xt, t, y).float()
         losses["distill"] = F.mse_loss(out.float(), target)
         total = hp.distill_weight * losses["distill"]
         if want_features:
@@ -164,9 +165,6 @@ class DiTModule(L.LightningModule):
             total = total + hp.diffusion_weight * losses["diffusion"]
         losses["loss"] = total
         return losses
-
-    def _teacher_dtype(self) -> torch.dtype:
-        return next(self.teacher.parameters()).dtype
 
     def _check_batch(self, x0: torch.Tensor, y: torch.Tensor) -> None:
         """Refuse data the model cannot have been meant for (latents of another VAE or image size,

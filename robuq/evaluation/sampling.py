@@ -20,6 +20,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from rich.progress import Progress
 
 from robuq.diffusion import SCHEDULE_KWARGS
+from robuq.models import native_dtype
 
 SCHEDULERS = ("ddpm", "ddim", "dpm")
 
@@ -115,7 +116,7 @@ def denoise(model, scheduler, x: torch.Tensor, y: torch.Tensor, *, steps: int, c
     the elementwise ops after them, in fp32: 23% slower for the bf16 DiT-XL/2 at batch 16 on an
     H100, docs/PERFORMANCE.md.) x and the scheduler stay in fp32 either way."""
     channels = x.shape[1]
-    native = dtype != torch.float32 and all(p.dtype == dtype for p in model.parameters())
+    native = native_dtype(model) == dtype
     out_channels = 2 * channels if learned_sigma else channels
     keep_v = learned_sigma and getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
     guided = cfg_scale != 1.0
