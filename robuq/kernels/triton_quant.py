@@ -188,6 +188,30 @@ def _quantize(v, QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr):
 
 
 @triton.jit
+def _token_tile(ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr):
+    """(offs [MP, P] of a token's elements, mask of its ROWS real rows, offsets of the left
+    factor [MP, MP] and of the right factor [P, P])."""
+    ri = tl.arange(0, MP)
+    rj = tl.arange(0, P)
+    offs = ri[:, None] * P + rj[None, :]
+    mask = (ri[:, None] < ROWS) & (rj[None, :] < P)
+    return offs, mask, ri[:, None] * MP + ri[None, :], rj[:, None] * P + rj[None, :]
+
+
+@triton.jit
+def _load_factors(LEFT, RIGHT, l_offs, r_offs):
+    return tl.load(LEFT + l_offs), tl.load(RIGHT + r_offs)
+
+
+@triton.jit
+def _token_of(pid, it, nprog, M):
+    """(token, valid) of a program's it-th sweep: the last sweep repeats the final token (valid is
+    False; its writes are masked)."""
+    t = pid + it * nprog
+    return tl.minimum(t, M - 1), t < M
+
+
+@triton.jit
 def rotq_fwd_kernel(
     X, SIGNS, LEFT, RIGHT, ALPHA, CODES_I8, CODES_F8, OUT, S, STAT, SCALE, SHIFT,
     M, n_iter, stride_x, alpha_sg, alpha_st, codes_sg, s_sg, tokens_per_sample, stride_mod,
@@ -202,26 +226,16 @@ def rotq_fwd_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    ri = tl.arange(0, MP)
-    rj = tl.arange(0, P)
-    offs = ri[:, None] * P + rj[None, :]
-    mask = (ri[:, None] < ROWS) & (rj[None, :] < P)
+    offs, mask, l_offs, r_offs = _token_tile(ROWS, MP, P)
     sg = _load_signs(SIGNS, offs, mask, X16)
-    rm = tl.arange(0, MP)
-    l_offs = rm[:, None] * MP + rm[None, :]
-    r_offs = rj[:, None] * P + rj[None, :]
     if not RELOAD:
-        L = tl.load(LEFT + l_offs)
-        R = tl.load(RIGHT + r_offs)
+        L, R = _load_factors(LEFT, RIGHT, l_offs, r_offs)
     K: tl.constexpr = ROWS * P
     for it in tl.range(0, n_iter, num_stages=STAGES):  # STAGES > 1: next token's loads overlap
-        t = pid + it * nprog
-        ok = t < M
-        t = tl.minimum(t, M - 1)  # the last sweep repeats the final token; its writes are masked
+        t, ok = _token_of(pid, it, nprog, M)
         mtok = mask & ok
-        if RELOAD:
-            L = tl.load(LEFT + l_offs)
-            R = tl.load(RIGHT + r_offs)
+        if RELOAD:  # large tiles: keep the factors out of registers (L1/L2-resident reloads)
+            L, R = _load_factors(LEFT, RIGHT, l_offs, r_offs)
         if NORM:
             mod = (t // tokens_per_sample) * stride_mod + offs
             x = _modulated_token(X + t * stride_x + offs, mtok, SCALE + mod, SHIFT + mod, sg, K, LN_EPS, X16)
@@ -264,27 +278,17 @@ def rotq_bwd_kernel(
     # B (Sylvester) is symmetric, so the transposed rotation is A dy B: no B^T needed.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    ri = tl.arange(0, MP)
-    rj = tl.arange(0, P)
-    offs = ri[:, None] * P + rj[None, :]
-    mask = (ri[:, None] < ROWS) & (rj[None, :] < P)
+    offs, mask, l_offs, r_offs = _token_tile(ROWS, MP, P)
     sg = _load_signs(SIGNS, offs, mask, X16)
-    rm = tl.arange(0, MP)
-    l_offs = rm[:, None] * MP + rm[None, :]
-    r_offs = rj[:, None] * P + rj[None, :]
     if not RELOAD:
-        L = tl.load(LEFT + l_offs)
-        R = tl.load(RIGHT + r_offs)
+        L, R = _load_factors(LEFT, RIGHT, l_offs, r_offs)
         LT = tl.load(LEFT_T + l_offs)
     K: tl.constexpr = ROWS * P
     for it in tl.range(0, n_iter, num_stages=STAGES):  # STAGES > 1: next token's loads overlap
-        t = pid + it * nprog
-        ok = t < M
-        t = tl.minimum(t, M - 1)  # the last sweep repeats the final token; its writes are masked
+        t, ok = _token_of(pid, it, nprog, M)
         mtok = mask & ok
         if RELOAD:  # large tiles: keep the factors out of registers (L1/L2-resident reloads)
-            L = tl.load(LEFT + l_offs)
-            R = tl.load(RIGHT + r_offs)
+            L, R = _load_factors(LEFT, RIGHT, l_offs, r_offs)
             LT = tl.load(LEFT_T + l_offs)
         x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
         y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
