@@ -245,6 +245,31 @@ def residual_bench(res, tokens):
           f"robuq.kernels.residual {t['ours'] * 1e3:.1f}", flush=True)
 
 
+def rotation_precision(res, tokens=8192):
+    """How often the fast rotation (one bf16 rounding between the products) gives another A2 code
+    than the exact one (hi/lo split, ~1e-5 relative to fp32), and than a float64 rotation."""
+    from robuq.quant.hadamard import HadamardRotation
+
+    out = {}
+    for k in (1152, 4608):
+        torch.manual_seed(k)
+        rot = HadamardRotation(k).to(DEV)
+        x = (torch.randn(tokens, k, device=DEV) * torch.rand(tokens, 1, device=DEV) * 4).bfloat16()
+        x[:, :7] *= 30  # outlier channels
+        lay = rotation_layout(k, "kronecker", None)
+        alpha = torch.full((1, 1), 0.8, device=DEV)
+        r = rot(x.double())
+        ref = (r / (0.8 * r.pow(2).mean(-1, keepdim=True).sqrt())).clamp(-2, 1).round()
+        codes = {split: rotate_quantize(x, rot.signs, lay, alpha, 2, True, 1, want_i8=True, split=split)["i8"][0].double()
+                 for split in (True, False)}
+        out[k] = dict(exact_vs_f64=(codes[True] != ref).float().mean().item(),
+                      fast_vs_f64=(codes[False] != ref).float().mean().item(),
+                      fast_vs_exact=(codes[False] != codes[True]).float().mean().item())
+        print(f"A2 codes at {tokens}x{k}, fraction that differ: exact vs float64 {out[k]['exact_vs_f64']:.2e}, "
+              f"fast vs float64 {out[k]['fast_vs_f64']:.2e}, fast vs exact {out[k]['fast_vs_exact']:.2e}", flush=True)
+    res["rotation_precision"] = out
+
+
 def overheads(res):
     x = torch.randn(16, 1152, device=DEV, dtype=torch.bfloat16)
     w = torch.randn(1152, 1152, device=DEV, dtype=torch.bfloat16)
@@ -348,6 +373,7 @@ def graph_time(model, args):
 
 def forward_bench(res, batches, bits, profile_batch=None):
     residual_bench(res, 8192)
+    rotation_precision(res)
     teacher = build_xl(torch.float32)
     student = copy.deepcopy(teacher)
     bf16 = teacher.to(torch.bfloat16).eval()
@@ -368,6 +394,7 @@ def forward_bench(res, batches, bits, profile_batch=None):
         print(f"export: {time.time() - t0:.1f} s, {size / 2**20:.1f} MiB on disk")
         packed = load_exported(d, device=DEV, dtype=torch.bfloat16)  # the user's path: one call
         norms_apart = load_exported(d, device=DEV, dtype=torch.bfloat16)
+        fast = load_exported(d, device=DEV, dtype=torch.bfloat16, exact_rotation=False)
     for block in norms_apart.transformer_blocks:  # diffusers' block forward: the adaLN as its own passes
         block.__dict__.pop("forward", None)
     wb_diffusers = weight_bytes(bf16)["total"]
@@ -386,15 +413,18 @@ def forward_bench(res, batches, bits, profile_batch=None):
     # sanity: the packed CUDA model (bf16 activations) against the fp32 fake-quant student
     with torch.no_grad():
         got = packed(xs.bfloat16(), timestep=ts, class_labels=ys).sample.float()
+        got_fast = fast(xs.bfloat16(), timestep=ts, class_labels=ys).sample.float()
     agree = ((got - ref_out).norm() / ref_out.norm()).item()
-    res["packed_vs_student_rel_err"] = agree
-    print(f"packed bf16 CUDA model vs fp32 fake-quant student, batch 4: rel. error {agree:.2e}")
+    agree_fast = ((got_fast - ref_out).norm() / ref_out.norm()).item()
+    res["packed_vs_student_rel_err"], res["packed_fast_vs_student_rel_err"] = agree, agree_fast
+    print(f"packed bf16 CUDA model vs fp32 fake-quant student, batch 4: rel. error {agree:.2e} (exact rotation), "
+          f"{agree_fast:.2e} (fast rotation)")
     # diffusers' residual stream is a transposed view (from the patch embedding), which slows every
     # elementwise op of the bf16 model; the same model with a contiguous stream, for a fair comparison
     bf16_contiguous = copy.deepcopy(bf16)
     bf16_contiguous.pos_embed.register_forward_hook(lambda module, args, out: out.contiguous())
     models = [("bf16", bf16), ("ours", packed), ("ours, norms apart", norms_apart),
-              ("bf16, contiguous stream", bf16_contiguous),
+              ("bf16, contiguous stream", bf16_contiguous), ("ours, fast rotation", fast),
               ("bf16, as sampling runs it", AutocastFP32Input(bf16)), ("ours, as sampling runs it", AutocastFP32Input(packed))]
     ao = torchao_int8(bf16)
     res["torchao"] = ao[0] if isinstance(ao, tuple) else "int8 dynamic activation, int8 weight"
@@ -435,6 +465,9 @@ def forward_bench(res, batches, bits, profile_batch=None):
         c = entry["bf16, contiguous stream"]
         print(f"batch {entry['batch']}: bf16 with a contiguous residual stream: eager {c['eager_ms']:.2f} ms, graph "
               f"{graph_cell(c['graph_ms'])} ms")
+        f = entry["ours, fast rotation"]
+        print(f"batch {entry['batch']}: ours with the fast rotation (split=False): eager {f['eager_ms']:.2f} ms, graph "
+              f"{graph_cell(f['graph_ms'])} ms")
         b, o = entry["bf16, as sampling runs it"], entry["ours, as sampling runs it"]
         print(f"batch {entry['batch']}: fp32 input under bf16 autocast (how RobuQDiTPipeline calls the model): bf16 "
               f"graph {graph_cell(b['graph_ms'])} ms, ours {graph_cell(o['graph_ms'])} ms")
@@ -442,7 +475,8 @@ def forward_bench(res, batches, bits, profile_batch=None):
           ["batch", "bf16 eager", "ours eager", "ratio", "bf16 graph", "ours graph", "ratio", "bf16 peak GiB", "ours peak GiB",
            "torchao eager", "torchao graph"], rows)
     try:
-        sampling_bench(res, [("bf16", bf16), ("ours", packed), ("bf16, contiguous stream", bf16_contiguous)])
+        sampling_bench(res, [("bf16", bf16), ("ours", packed), ("bf16, contiguous stream", bf16_contiguous),
+                             ("ours, fast rotation", fast)])
     except Exception as e:  # noqa: BLE001  (keep the tables above in the JSON)
         res["sampling"] = f"failed: {type(e).__name__}: {e}"
         print(f"sampling benchmark failed: {type(e).__name__}: {e}")

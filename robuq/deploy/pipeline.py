@@ -42,10 +42,11 @@ class RobuQDiTPipeline(DiffusionPipeline):
     @classmethod
     def from_exported(cls, path: str | Path, scheduler="ddpm", vae: AutoencoderKL | str | None = None,
                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                      id2label: dict[int, str] | None = None) -> RobuQDiTPipeline:
+                      id2label: dict[int, str] | None = None, exact_rotation: bool = True) -> RobuQDiTPipeline:
         """Load a ``robuq.deploy.export`` directory. ``scheduler``: a diffusers scheduler or one of
-        ``SCHEDULERS`` (built on robuq's training schedule); ``vae``: a model, a directory or hub id."""
-        transformer = load_exported(path, device=device, dtype=dtype)
+        ``SCHEDULERS`` (built on robuq's training schedule); ``vae``: a model, a directory or hub id;
+        ``exact_rotation``: see ``load_exported``."""
+        transformer = load_exported(path, device=device, dtype=dtype, exact_rotation=exact_rotation)
         if isinstance(scheduler, str):
             if scheduler not in SCHEDULERS:
                 raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {SCHEDULERS} or pass a diffusers scheduler")

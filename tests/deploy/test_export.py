@@ -120,6 +120,21 @@ def test_dtype_cast_keeps_fp32_scales(tmp_path):
     assert torch.isfinite(out).all()
 
 
+def test_exact_rotation_switch(tmp_path):
+    """``exact_rotation=False`` reaches every packed layer (the CUDA kernels' one-rounding rotation);
+    the pipeline passes it on; a non-bool is refused."""
+    from robuq.deploy import RobuQDiTPipeline
+
+    export(init_and_eval(tiny_student(act_bits=4)), tmp_path)
+    layers = lambda m: [x for x in m.modules() if isinstance(x, PackedTernaryLinear)]  # noqa: E731
+    assert all(x.split for x in layers(load_exported(tmp_path)))
+    assert not any(x.split for x in layers(load_exported(tmp_path, exact_rotation=False)))
+    pipe = RobuQDiTPipeline.from_exported(tmp_path, exact_rotation=False)
+    assert not any(x.split for x in layers(pipe.transformer))
+    with pytest.raises(TypeError, match="exact_rotation must be True or False"):
+        load_exported(tmp_path, exact_rotation="fast")
+
+
 def test_timestep_groups_round_trip(tmp_path):
     student = init_and_eval(tiny_student(act_bits=4, timestep_groups=4))
     x, t, y = batch()
