@@ -210,7 +210,7 @@ def gelu_fc2(res, bits, tokens):
 def adaln_input(res, bits, tokens):
     """The adaLN in front of q/k/v (8192 x 1152, batch 32 of 256 tokens): torch's LayerNorm and
     modulation passes + the rotate+quantize kernel (G = 3), vs the kernel computing them itself."""
-    from robuq.deploy.modules import modulate
+    from robuq.models import modulate
 
     torch.manual_seed(0)
     b = tokens // 256

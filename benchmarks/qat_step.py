@@ -8,9 +8,11 @@ Rows (issue 7):
   c16  (c) with the forward GEMMs in bf16 (robuq.kernels.qat.FP8_FORWARD = False)
   c3   (c) with q, k and v quantized by three launches (diffusers' own attention processor)
   cg   (c) with the MLP's GELU inside the kernels of fc2 (fuse_activations: less memory, not faster)
+  cn   (c) with each block's adaLN (LayerNorm + modulation) inside the q/k/v and fc1 kernels (fuse_norms)
   d  full QAT step: frozen bf16 teacher forward + (c) with the distillation MSE; the teacher runs
      as a plain bf16 model (robuq.models.frozen_forward, what DiTModule does)
   da (d) with the teacher under the step's autocast (before session 7: its LayerNorms in fp32)
+  dn (d) with the student's adaLN inside the kernels, as cn
 
     python benchmarks/qat_step.py [--rows a b c d] [--modes eager compile-regional graph] [--steps 10]
 
@@ -304,8 +306,9 @@ def main():
             if row == "b" and mode != "eager":
                 continue  # the reference path is the slow baseline; 3.4x eager (docs/PERFORMANCE.md)
             label = {"a": "a plain bf16", "b": "b QAT reference", "c": "c QAT fused", "c16": "c16 fused, bf16 fwd GEMM",
-                     "c3": "c3 fused, q/k/v apart", "cg": "cg fused, GELU in kernel",
-                     "d": "d QAT fused + teacher", "da": "da (d), teacher autocast"}[row]
+                     "c3": "c3 fused, q/k/v apart", "cg": "cg fused, GELU in kernel", "cn": "cn fused, adaLN in kernel",
+                     "d": "d QAT fused + teacher", "da": "da (d), teacher autocast",
+                     "dn": "dn (d), adaLN in kernel"}[row]
             qat.FP8_FORWARD = row != "c16"
             try:
                 teacher = None
@@ -313,8 +316,8 @@ def main():
                     model = build_xl().train()
                 else:
                     model = make_student(args.bits)
-                    if row in ("c", "c16", "c3", "cg", "d", "da"):
-                        fused = use_fused_kernels(model, fuse_activations=row == "cg")
+                    if row in ("c", "c16", "c3", "cg", "cn", "d", "da", "dn"):
+                        fused = use_fused_kernels(model, fuse_activations=row == "cg", fuse_norms=row in ("cn", "dn"))
                         if row == "c3":
                             from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
@@ -322,7 +325,7 @@ def main():
                                 if isinstance(m, Attention):
                                     m.set_processor(AttnProcessor2_0())
                         print(f"  {label}: {sum(fused.values())}/{len(fused)} layers fused")
-                    if row in ("d", "da"):
+                    if row in ("d", "da", "dn"):
                         teacher = build_xl().to(torch.bfloat16).eval().requires_grad_(False)
                 r = run_row(label, model, teacher, args.batch, args.steps, mode, args.profile, teacher_autocast=row == "da")
                 results.append(r)

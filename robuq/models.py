@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from safetensors import safe_open
@@ -98,6 +99,13 @@ def disable_label_dropout(model: nn.Module) -> None:
 
 def dit_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return model(x, timestep=t, class_labels=y).sample
+
+
+def modulate(x: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
+    """DiT's adaLN as diffusers computes it: ``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]``
+    (no affine) for x [B, T, K], ``norm = (scale [B, K], shift [B, K], eps)``."""
+    scale, shift, eps = norm
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
 
 
 def native_dtype(model: nn.Module) -> torch.dtype | None:

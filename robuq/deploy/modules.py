@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robuq.models import modulate
 from robuq.quant.context import current_timestep_groups
 from robuq.quant.hadamard import hadamard_transform
 from robuq.quant.lsq import FULL_PRECISION, qrange, token_stat
@@ -233,17 +234,11 @@ def can_share_input(layers) -> bool:
             and all(_launch_spec(m) == _launch_spec(first) and torch.equal(m.signs, first.signs) for m in layers))
 
 
-def modulate(x: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
-    """DiT's adaLN in torch: ``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]`` (no affine)."""
-    scale, shift, eps = norm
-    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
-
-
 def packed_linears(layers, x: torch.Tensor, norm=None) -> list[torch.Tensor]:
     """``[layer(x) for layer in layers]`` with one rotate+quantize launch for all of them on CUDA
     (``can_share_input`` layers: each quantizes with its own step, then its own GEMM). ``norm =
     (scale [B, K], shift [B, K], eps)`` for x [B, T, K]: the layers read ``modulate(x, norm)``,
-    computed inside the launch (``robuq.deploy.block``)."""
+    computed inside the launch (``robuq.kernels.block``)."""
     from robuq.kernels.quant_ops import mode_id, rotate_quantize
     from robuq.kernels.rotation import rotation_layout
 
@@ -272,14 +267,13 @@ def packed_linears(layers, x: torch.Tensor, norm=None) -> list[torch.Tensor]:
 def fuse_launches(model: nn.Module) -> list[str]:
     """One rotate+quantize launch for q, k and v of every attention whose projections allow it
     (``robuq.kernels.attention.share_qkv``), and DiT blocks whose adaLN norms run inside those
-    launches (``robuq.deploy.block.fuse_block_norms``); returns the names of both."""
+    launches (``robuq.kernels.block.fuse_block_norms``); returns the names of both."""
     try:
         from robuq.kernels.attention import share_qkv
-
-        from .block import fuse_block_norms
+        from robuq.kernels.block import fuse_block_norms
     except ImportError:  # no diffusers attention: nothing to share
         return []
-    return share_qkv(model, can_share_input, packed_linears) + fuse_block_norms(model)
+    return share_qkv(model, can_share_input, packed_linears) + fuse_block_norms(model, can_share_input)
 
 
 def quant_layer_names(model: nn.Module) -> list[str]:

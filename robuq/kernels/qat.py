@@ -37,17 +37,20 @@ from __future__ import annotations
 
 import math
 import types
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robuq.models import modulate
 from robuq.quant.linear import QuantLinear
 from robuq.quant.lsq import qrange
 from robuq.quant.ternary import ternary_codes
 
 from . import triton_quant as tq
 from .attention import share_qkv
+from .block import fuse_block_norms
 from .gemm import scaled_mm_rowwise
 from .mlp import fuse_gelu
 from .quant_ops import act_id, mode_id, rotate_quantize, rotate_quantize_backward
@@ -67,15 +70,21 @@ def _layout(dim: int, kind: str, block_size: int):
 # ---- custom ops (opaque to torch.compile; fake kernels give shapes) ---------------------------
 
 
+def _norm(scale: torch.Tensor | None, shift: torch.Tensor | None, ln_eps: float):
+    return None if scale is None else (scale, shift, ln_eps)
+
+
 def _rotq_fwd_impl(
     x: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
     bits: int, signed: bool, mode: int, out_dtype: str, want_f8: bool, act: str,
+    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K], alpha [G, M or 1] -> (q * s_t [G, M, K] out_dtype, q [G, M, K] e4m3 (if want_f8, else
-    empty), s_t [G, M] fp32) of act(x) (act "": x itself)."""
+    empty), s_t [G, M] fp32) of act(x) (act "": x itself), or of the adaLN of x (scale, shift [B, K])."""
     lay = _layout(x.shape[1], kind, block_size)
     r = rotate_quantize(x, signs, lay, alpha, bits, signed, mode, out="scaled", want_f8=want_f8,
-                        out_dtype=_DTYPES[out_dtype], round_to_bf16=out_dtype == "bfloat16", act=act or None)
+                        out_dtype=_DTYPES[out_dtype], round_to_bf16=out_dtype == "bfloat16", act=act or None,
+                        norm=_norm(scale, shift, ln_eps))
     return r["out"], r["f8"] if want_f8 else x.new_empty(0, dtype=torch.float8_e4m3fn), r["s"]
 
 
@@ -83,7 +92,7 @@ rotq_fwd = torch.library.custom_op("robuq::rotq_fwd", _rotq_fwd_impl, mutates_ar
 
 
 @rotq_fwd.register_fake
-def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8, act):
+def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8, act, scale, shift, ln_eps):
     (m, k), g = x.shape, alpha.shape[0]
     f8 = x.new_empty((g, m, k) if want_f8 else (0,), dtype=torch.float8_e4m3fn)
     return x.new_empty(g, m, k, dtype=_DTYPES[out_dtype]), f8, x.new_empty(g, m, dtype=torch.float32)
@@ -92,19 +101,25 @@ def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8,
 def _rotq_bwd_impl(
     x: torch.Tensor, grad: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
     bits: int, signed: bool, mode: int, out_dtype: str, act: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad [G, M, K], alpha [G, M or 1] -> (dx [M, K] in x's dtype, per-token dL/dalpha [G, M] fp32)."""
+    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad [G, M, K], alpha [G, M or 1] -> (dx [M, K] in x's dtype, per-token dL/dalpha [G, M] fp32,
+    dL/dscale, dL/dshift [B, K] (empty without the adaLN))."""
     lay = _layout(x.shape[1], kind, block_size)
-    return rotate_quantize_backward(x, grad, signs, lay, alpha, bits, signed, mode,
-                                    round_to_bf16=out_dtype == "bfloat16", act=act or None)
+    r = rotate_quantize_backward(x, grad, signs, lay, alpha, bits, signed, mode, round_to_bf16=out_dtype == "bfloat16",
+                                 act=act or None, norm=_norm(scale, shift, ln_eps))
+    return r if scale is not None else (*r, x.new_empty(0), x.new_empty(0))
 
 
 rotq_bwd = torch.library.custom_op("robuq::rotq_bwd", _rotq_bwd_impl, mutates_args=())
 
 
 @rotq_bwd.register_fake
-def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, act):
-    return torch.empty_like(x), x.new_empty(grad.shape[0], x.shape[0], dtype=torch.float32)
+def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, act, scale, shift, ln_eps):
+    dn = (0,) if scale is None else scale.shape
+    dt = x.dtype if scale is None else scale.dtype
+    return (torch.empty_like(x), x.new_empty(grad.shape[0], x.shape[0], dtype=torch.float32),
+            x.new_empty(dn, dtype=dt), x.new_empty(dn, dtype=dt))
 
 
 # ---- the autograd function -------------------------------------------------------------------
@@ -120,27 +135,31 @@ class FusedQuantLinearFn(torch.autograd.Function):
     With an activation in the spec (``"gelu_tanh"``), x2 is the pre-activation and the layers read
     act(x2); dx is then the pre-activation's gradient.
 
+    With scale and shift ([B, K], spec's ln_eps), x2 is the residual stream and the layers read its
+    adaLN ``LayerNorm(x2) * (1 + scale_b) + shift_b``; scale and shift get their gradients.
+
     apply(x2, alpha_t [G, M or 1], group id per token, static spec, rotation signs, T(W') per layer,
-    e4m3 codes and scales of T(W') per layer (None: bf16 forward GEMM), *(G latent weights, G biases,
-    G LSQ steps)) -> G outputs [M, N_g].
+    e4m3 codes and scales of T(W') per layer (None: bf16 forward GEMM), scale, shift (or None, None),
+    *(G latent weights, G biases, G LSQ steps)) -> G outputs [M, N_g].
     """
 
     @staticmethod
-    def forward(ctx, x2, alpha_t, group_of_token, spec, signs, wq, w8, w_scale, *params):
-        kind, block_size, bits, signed, mode, groups, cdt, act = spec
+    def forward(ctx, x2, alpha_t, group_of_token, spec, signs, wq, w8, w_scale, scale, shift, *params):
+        kind, block_size, bits, signed, mode, groups, cdt, act, ln_eps = spec
         n = len(wq)
         weights, biases = params[:n], params[n:2 * n]
         # eager calls the implementation directly (a custom op costs tens of us of host time per
         # call); under torch.compile the registered op keeps the kernel opaque to the tracer
         fwd = torch.ops.robuq.rotq_fwd if torch.compiler.is_compiling() else _rotq_fwd_impl
         fp8 = w8[0] is not None
-        out, q8, s = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), fp8, act)
+        out, q8, s = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), fp8, act,
+                         scale, shift, ln_eps)
         ys = []
         for i in range(n):
             b = None if biases[i] is None else biases[i].to(cdt)
             ys.append(scaled_mm_rowwise(q8[i], w8[i], s[i], w_scale[i], b, out_dtype=cdt) if fp8
                       else F.linear(out[i], wq[i], b))
-        ctx.save_for_backward(x2, out, alpha_t, group_of_token, signs, *wq, *params[2 * n:])
+        ctx.save_for_backward(x2, out, alpha_t, group_of_token, signs, scale, shift, *wq, *params[2 * n:])
         ctx.spec = spec
         ctx.bias_dtypes = [None if bi is None else bi.dtype for bi in biases]
         ctx.weight_dtypes = [w.dtype for w in weights]
@@ -148,8 +167,8 @@ class FusedQuantLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *dys):
-        x2, out, alpha_t, group_of_token, signs, *rest = ctx.saved_tensors
-        kind, block_size, bits, signed, mode, groups, cdt, act = ctx.spec
+        x2, out, alpha_t, group_of_token, signs, scale, shift, *rest = ctx.saved_tensors
+        kind, block_size, bits, signed, mode, groups, cdt, act, ln_eps = ctx.spec
         n = len(dys)
         wq, steps = rest[:n], rest[n:]
         dys = [torch.zeros(x2.shape[0], w.shape[0], device=x2.device, dtype=cdt) if dy is None else dy.to(cdt)
@@ -165,7 +184,10 @@ class FusedQuantLinearFn(torch.autograd.Function):
         dws = [(dy.t() @ out[i]).to(wdt) for i, (dy, wdt) in enumerate(zip(dys, ctx.weight_dtypes))]
         dbs = [None if bdt is None else dy.sum(0).to(bdt) for dy, bdt in zip(dys, ctx.bias_dtypes)]
         bwd = torch.ops.robuq.rotq_bwd if torch.compiler.is_compiling() else _rotq_bwd_impl
-        dx, ga = bwd(x2, dout, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), act)
+        dx, ga, dscale, dshift = bwd(x2, dout, signs, alpha_t, kind, block_size, bits, signed, mode,
+                                     _dtype_name(cdt), act, scale, shift, ln_eps)
+        if scale is None:
+            dscale = dshift = None
         _, qp = qrange(bits, signed)
         g = 1.0 / math.sqrt(x2.numel() / groups * max(qp, 1))
         if groups > 1:
@@ -176,7 +198,7 @@ class FusedQuantLinearFn(torch.autograd.Function):
         for i, step in enumerate(steps):
             sd = step.detach()
             dsteps.append((dalpha[i] * g * torch.sign(sd) * (sd.abs() >= 1e-8)).to(step.dtype))
-        return (dx, None, None, None, None, None, None, None, *dws, *dbs, *dsteps)
+        return (dx, None, None, None, None, None, None, None, dscale, dshift, *dws, *dbs, *dsteps)
 
 
 # ---- module glue --------------------------------------------------------------------------------
@@ -267,23 +289,28 @@ def can_share_input(layers) -> bool:
     return all(r is None for r in rots) or all(r is not None and torch.equal(r.signs, rots[0].signs) for r in rots)
 
 
-def fused_linears(layers, x: torch.Tensor, act: str | None = None) -> list[torch.Tensor]:
+def fused_linears(layers, x: torch.Tensor, act: str | None = None,
+                  norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> list[torch.Tensor]:
     """``[layer(act(x)) for layer in layers]`` for fused QuantLinears that ``can_share_input``, with
     one rotate+quantize launch (and one in backward) for all of them; each layer's own forward where
     the fused path cannot serve them (see the module docstring). ``act``: None, or ``"gelu_tanh"``
-    (``F.gelu(x, approximate="tanh")``, computed inside the kernels)."""
+    (``F.gelu(x, approximate="tanh")``, computed inside the kernels). ``norm = (scale [B, K], shift
+    [B, K], eps)`` for x [B, T, K]: the layers read ``modulate(x, norm)``, computed inside the
+    kernels (forward and backward)."""
     first = layers[0]
     act_id(act)
     qs = [m.act.quantizer for m in layers]
     cdt = _compute_dtype(x)
     if (not (all(q.initialized for q in qs) and (x.is_cuda or tq.INTERPRET)) or x.shape[-1] != first.in_features
-            or (cdt == torch.float32 and not tq.INTERPRET)):
+            or (cdt == torch.float32 and not tq.INTERPRET) or (norm is not None and x.dim() != 3)):
         # fp32 training (no autocast) stays on the reference path: on the H100 the fp32 fused
         # backward returned non-finite values at K = 1152 and one fp32 test faulted, probably the
         # n_iter specialisation fault fixed in triton_quant (not re-tested in fp32). The kernels
         # serve 16-bit compute, the setting fast QAT is for (bf16-mixed).
         if act == "gelu_tanh":
             x = F.gelu(x, approximate="tanh")
+        if norm is not None:
+            x = modulate(x, norm)
         return [QuantLinear.forward(m, x) for m in layers]
     q = qs[0]
     kind, bs = rotation_kind(first.act.rotation)
@@ -308,10 +335,11 @@ def fused_linears(layers, x: torch.Tensor, act: str | None = None) -> list[torch
     wq, w8, w_scale = zip(*[(_ternary_weight_uncached if traced else cached_ternary_weight)(m, cdt, fp8)
                             for m in layers])
     signs = first.act.rotation.signs if first.act.rotation is not None else x2.new_ones(first.in_features)
-    spec = (kind, bs or 0, q.bits, q.signed, mode_id(q.mode, q.stat), q.groups, cdt, act or "")
+    scale, shift, ln_eps = (None, None, 0.0) if norm is None else norm
+    spec = (kind, bs or 0, q.bits, q.signed, mode_id(q.mode, q.stat), q.groups, cdt, act or "", float(ln_eps))
     params = [m.weight for m in layers] + [m.bias for m in layers] + [qi.step for qi in qs]
     with torch.autocast(x2.device.type, enabled=False):
-        ys = FusedQuantLinearFn.apply(x2, alpha_t, group_of_token, spec, signs, wq, w8, w_scale, *params)
+        ys = FusedQuantLinearFn.apply(x2, alpha_t, group_of_token, spec, signs, wq, w8, w_scale, scale, shift, *params)
     return [y.reshape(*lead, m.out_features) for y, m in zip(ys, layers)]
 
 
@@ -319,7 +347,8 @@ def _fused_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return fused_linears([self], x)[0]
 
 
-def use_fused_kernels(model: nn.Module, enabled: bool = True, fuse_activations: bool = False) -> dict[str, bool]:
+def use_fused_kernels(model: nn.Module, enabled: bool = True, fuse_activations: bool = False,
+                      fuse_norms: bool = True) -> dict[str, bool]:
     """Switch the model's QuantLinears to the fused Triton path (or back); returns name -> fused.
 
     The switch is per instance (``layer.forward`` is overridden), so it survives ``.to()`` and
@@ -328,10 +357,14 @@ def use_fused_kernels(model: nn.Module, enabled: bool = True, fuse_activations: 
     ``SharedQKVAttnProcessor`` over ``fused_linears``. ``fuse_activations``: DiT MLPs run their
     GELU inside the kernels of the output projection (``robuq.kernels.mlp.fuse_gelu``), which saves
     the GELU output for backward no longer (DiT-XL/2, batch 32: 2.1 GiB less peak memory, the step
-    2% slower on an H100, docs/PERFORMANCE.md). Switching back restores both.
+    2% slower on an H100, docs/PERFORMANCE.md). ``fuse_norms``: DiT blocks compute their adaLN
+    (LayerNorm and modulation) inside the q/k/v and fc1 kernels, forward and backward
+    (``robuq.kernels.block``; DiT-XL/2 batch 32 on an H100 as a CUDA graph: 117.4 -> 103.2 ms per
+    step, 29.4 -> 24.5 GiB). Switching back restores all of them.
     """
     share_qkv(model, can_share_input, fused_linears, enabled)
     fuse_gelu(model, can_share_input, fused_linears, enabled and fuse_activations)
+    fuse_block_norms(model, can_share_input, enabled and fuse_norms)
     done = {}
     for name, m in model.named_modules():
         if not isinstance(m, QuantLinear):

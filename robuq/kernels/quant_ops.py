@@ -206,14 +206,17 @@ def rotate_quantize_backward(
     split: bool = True,
     round_to_bf16: bool = False,
     act: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> tuple[torch.Tensor, ...]:
     """(dx [M, K] in x's dtype, ga = per-token dL/dalpha) for the LSQ straight-through gradient.
 
     One quantizer: ``grad`` [M, K] = dL/d(fake-quantized output), ``alpha`` [M] per token or [1],
     ga [M] fp32. G quantizers of the same x (``rotate_quantize`` with G alpha rows): ``grad``
     [G, M, K], ``alpha`` [G, M] or [G, 1], ga [G, M], and dx sums their gradients.
     ``round_to_bf16`` and ``act`` must be what the forward used (the rotation is recomputed from x);
-    with ``act``, dx is the gradient with respect to the pre-activation x.
+    with ``act``, dx is the gradient with respect to the pre-activation x. With ``norm`` (the
+    forward's adaLN, see ``rotate_quantize``) dx is the residual stream's gradient and two more
+    results follow: dL/dscale and dL/dshift [B, K] in scale's dtype.
     """
     grouped = grad.dim() == 3
     if x.dim() != 2 or x.shape[1] != lay.dim or grad.shape[grouped:] != x.shape or (
@@ -228,15 +231,31 @@ def rotate_quantize_backward(
     g = alpha.shape[0]
     dx = torch.empty_like(x)
     ga = torch.empty(g, m, device=x.device, dtype=torch.float32)
+    scale, shift, ln_eps, per_sample, stride_mod = _norm_args(norm, x, act, ga)
+    grid = _grid(m, x.device, lay)
+    n_iter, chunks = triton_cdiv(m, grid[0]), 1
+    if norm is not None:  # programs in runs of one sample's tokens; partial scale/shift gradients
+        b = m // per_sample
+        chunks = max(1, min(per_sample, grid[0] // b))
+        grid, n_iter = (b * chunks,), triton_cdiv(per_sample, chunks)
+        dscale = torch.empty(chunks, b, k, device=x.device, dtype=torch.float32)
+        dshift = torch.empty_like(dscale)
+    else:
+        dscale = dshift = ga
     if m:
         tdt = _tile_dtype(x, round_to_bf16)
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, x.device, _factor_dtype())
-        grid = _grid(m, x.device, lay)
         tq.rotq_bwd_kernel[grid](
             x, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
-            m, triton_cdiv(m, grid[0]), x.stride(0), grad.stride(-2), alpha.stride(0),
-            1 if alpha.shape[1] > 1 else 0, m * k, G=g,
-            num_warps=_warps(lay), RELOAD=_reload(lay, backward=True), STAGES=_stages(lay, tdt, backward=True),
-            GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16, **_common(lay, bits, signed, mode, tdt, split, act),
+            scale, shift, dscale, dshift, m, n_iter, x.stride(0), grad.stride(-2), alpha.stride(0),
+            1 if alpha.shape[1] > 1 else 0, m * k, per_sample, stride_mod, chunks, G=g, NORM=norm is not None,
+            LN_EPS=ln_eps, num_warps=_warps(lay), RELOAD=_reload(lay, backward=True),
+            STAGES=_stages(lay, tdt, backward=True), GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16,
+            **_common(lay, bits, signed, mode, tdt, split, act),
         )
-    return dx, (ga if grouped else ga[0])
+    ga = ga if grouped else ga[0]
+    if norm is None:
+        return dx, ga
+    if not m:
+        dscale.zero_(), dshift.zero_()
+    return dx, ga, dscale.sum(0).to(norm[0].dtype), dshift.sum(0).to(norm[0].dtype)

@@ -33,11 +33,13 @@ def gated_residual_kernel(X, G, Y, OUT, M, K, tokens_per_sample, stride_g, ROWS:
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x + gate[:, None] * y`` for x, y [B, T, K] and gate [B, K] (rows may be strided, as the
-    chunks of the adaLN modulation output are). ``torch.addcmul`` off CUDA or for other layouts."""
+    chunks of the adaLN modulation output are). Off CUDA, for other layouts and where autograd
+    records (the kernel has no backward), diffusers' own two ops, so results are diffusers'."""
     b, t, k = x.shape if x.dim() == 3 else (0, 0, 0)
     if (not (x.is_cuda or INTERPRET) or x.dim() != 3 or y.shape != x.shape or gate.shape != (b, k)
-            or not (x.is_contiguous() and y.is_contiguous()) or gate.stride(1) != 1 or x.dtype != y.dtype):
-        return torch.addcmul(x, gate.unsqueeze(1), y)
+            or not (x.is_contiguous() and y.is_contiguous()) or gate.stride(1) != 1 or x.dtype != y.dtype
+            or (torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad or y.requires_grad))):
+        return gate.unsqueeze(1) * y + x
     out = torch.empty_like(x)
     m = b * t
     if m:

@@ -13,9 +13,13 @@ bits), so rotated values match an fp32 rotation to ~1e-5 relative and codes diff
 float64 reference only for values within that distance of a rounding boundary. ``split=False``
 rounds the intermediate to bf16 once (faster, ~1e-3 relative).
 
-``NORM`` (forward only, for inference) fuses the adaLN in front: the kernel reads the residual
-stream x and quantizes LayerNorm(x) * (1 + scale_b) + shift_b with its sample's scale and shift,
-so a DiT block's norm and modulation passes never reach memory.
+``NORM`` fuses the adaLN in front: the kernel reads the residual stream x and quantizes
+u = LayerNorm(x) * (1 + scale_b) + shift_b with its sample's scale and shift, so a DiT block's
+norm and modulation passes never reach memory. The backward recomputes u from x, takes du as
+below, and goes on through the modulation and the LayerNorm (x_hat = LayerNorm(x), g = du (1 + scale_b)):
+
+    dscale_b = sum_t du_t x_hat_t,   dshift_b = sum_t du_t       (partial sums per program)
+    dx       = rstd (g - mean(g) - x_hat mean(g x_hat))
 
 ``ACT = 1`` fuses a GELU (tanh form) in front: the kernel reads the pre-activation h, quantizes
 GELU(h), and the backward multiplies dx by GELU'(h), so the activation pass of an MLP (diffusers'
@@ -102,17 +106,24 @@ def _signed(x, sg, X16: tl.constexpr):
 
 
 @triton.jit
-def _modulated_token(ptrs, mask, sc_ptrs, sh_ptrs, sg, K: tl.constexpr, LN_EPS: tl.constexpr, X16: tl.constexpr):
-    """adaLN: LayerNorm(x) * (1 + scale) + shift (no affine; scale and shift of the token's sample),
-    in fp32, rounded once to x's dtype, times d. Padded elements stay 0 (scale and shift load as 0)."""
+def _normalized(ptrs, mask, K: tl.constexpr, LN_EPS: tl.constexpr):
+    """(x, LayerNorm(x) = (x - mean) * rstd in fp32, rstd) of one token tile (padded elements 0)."""
     x = tl.load(ptrs, mask=mask, other=0.0)
     xf = x.to(tl.float32)
     mean = tl.sum(tl.sum(xf, axis=1), axis=0) / K
     d = tl.where(mask, xf - mean, 0.0)
-    var = tl.sum(tl.sum(d * d, axis=1), axis=0) / K
+    rstd = tl.rsqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / K + LN_EPS)
+    return x, d * rstd, rstd
+
+
+@triton.jit
+def _modulated_token(ptrs, mask, sc_ptrs, sh_ptrs, sg, K: tl.constexpr, LN_EPS: tl.constexpr, X16: tl.constexpr):
+    """adaLN: LayerNorm(x) * (1 + scale) + shift (no affine; scale and shift of the token's sample),
+    in fp32, rounded once to x's dtype, times d. Padded elements stay 0 (scale and shift load as 0)."""
+    x, xhat, _ = _normalized(ptrs, mask, K, LN_EPS)
     sc = tl.load(sc_ptrs, mask=mask, other=0.0).to(tl.float32)
     sh = tl.load(sh_ptrs, mask=mask, other=0.0).to(tl.float32)
-    y = (d * tl.rsqrt(var + LN_EPS) * (1.0 + sc) + sh).to(x.dtype)
+    y = (xhat * (1.0 + sc) + sh).to(x.dtype)
     return _signed(y, sg, X16)
 
 
@@ -266,16 +277,18 @@ def rotq_fwd_kernel(
 # programs as tokens) faulted with an illegal memory access (benchmarks/bwd_diag.py, docs/PERFORMANCE.md).
 @triton.jit(do_not_specialize=["n_iter"])
 def rotq_bwd_kernel(
-    X, GRAD, SIGNS, LEFT, RIGHT, LEFT_T, ALPHA, DX, GA,
-    M, n_iter, stride_x, stride_g, alpha_sg, alpha_st, grad_sg,
+    X, GRAD, SIGNS, LEFT, RIGHT, LEFT_T, ALPHA, DX, GA, SCALE, SHIFT, DSCALE, DSHIFT,
+    M, n_iter, stride_x, stride_g, alpha_sg, alpha_st, grad_sg, tokens_per_sample, stride_mod, chunks,
     ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
     QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr,
     ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr,
-    GSPLIT: tl.constexpr, ACT: tl.constexpr,
+    GSPLIT: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr,
 ):
     # B (Sylvester) is symmetric, so the transposed rotation is A dy B: no B^T needed.
+    # NORM: program pid takes a contiguous run of the tokens of sample pid // chunks, so it sums its
+    # scale and shift gradients in registers and writes one partial [K] row each (no atomics).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs, mask, l_offs, r_offs = _token_tile(ROWS, MP, P)
@@ -284,13 +297,25 @@ def rotq_bwd_kernel(
         L, R = _load_factors(LEFT, RIGHT, l_offs, r_offs)
         LT = tl.load(LEFT_T + l_offs)
     K: tl.constexpr = ROWS * P
+    sample = pid // chunks
+    acc_sc = tl.zeros([MP, P], tl.float32)
+    acc_sh = tl.zeros([MP, P], tl.float32)
     for it in tl.range(0, n_iter, num_stages=STAGES):  # STAGES > 1: next token's loads overlap
-        t, ok = _token_of(pid, it, nprog, M)
+        if NORM:
+            j = (pid % chunks) * n_iter + it
+            ok = j < tokens_per_sample
+            t = sample * tokens_per_sample + tl.minimum(j, tokens_per_sample - 1)
+        else:
+            t, ok = _token_of(pid, it, nprog, M)
         mtok = mask & ok
         if RELOAD:  # large tiles: keep the factors out of registers (L1/L2-resident reloads)
             L, R = _load_factors(LEFT, RIGHT, l_offs, r_offs)
             LT = tl.load(LEFT_T + l_offs)
-        x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
+        mod = sample * stride_mod + offs
+        if NORM:
+            x = _modulated_token(X + t * stride_x + offs, mtok, SCALE + mod, SHIFT + mod, sg, K, LN_EPS, X16)
+        else:
+            x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
         y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
         st_raw = _stat(y, MODE, K, EPS)
         st = tl.maximum(st_raw, EPS)
@@ -332,4 +357,16 @@ def rotq_bwd_kernel(
         if ACT == 1:  # through the GELU: reload h (L1/L2-resident) rather than hold it in registers
             h = tl.load(X + t * stride_x + offs, mask=mtok, other=0.0).to(tl.float32)
             dx = dx * _gelu_tanh_grad(h)
+        if NORM:  # through the modulation and the LayerNorm (x reloaded, L1/L2-resident)
+            _, xhat, rstd = _normalized(X + t * stride_x + offs, mtok, K, LN_EPS)
+            acc_sc += dx * xhat
+            acc_sh += dx
+            g = dx * (1.0 + tl.load(SCALE + mod, mask=mtok, other=0.0).to(tl.float32))
+            mg = tl.sum(tl.sum(g, axis=1), axis=0) / K
+            mgx = tl.sum(tl.sum(g * xhat, axis=1), axis=0) / K
+            dx = rstd * (g - mg - xhat * mgx)
         tl.store(DX + t * stride_x + offs, dx.to(DX.dtype.element_ty), mask=mtok)
+    if NORM:  # this program's partial sums: row (pid % chunks, sample) of [chunks, B, K]
+        part = ((pid % chunks) * (M // tokens_per_sample) + sample) * K + offs
+        tl.store(DSCALE + part, acc_sc, mask=mask)
+        tl.store(DSHIFT + part, acc_sh, mask=mask)

@@ -194,7 +194,7 @@ def check_fused_gelu():
 def check_fused_norm():
     """The adaLN inside the forward kernel (inference): LayerNorm(x) * (1 + scale_b) + shift_b with
     strided scale/shift rows (chunks of the modulation output) against torch's ops, then the kernel."""
-    from robuq.deploy.modules import modulate
+    from robuq.models import modulate
 
     torch.manual_seed(3)
     b, t, k = 3, 5, 192
@@ -210,6 +210,18 @@ def check_fused_norm():
     ref = rotate_quantize(modulate(x, (scale, shift, 1e-6)).reshape(-1, k), signs, lay, alpha, 3, True, 1,
                           out="scaled", out_dtype=torch.float32)
     assert rel(fused["out"], ref["out"]) < 1e-5 and rel(fused["s"], ref["s"]) < 1e-5, rel(fused["out"], ref["out"])
+    # backward: the kernel's gradients through the modulation and the LayerNorm against autograd of
+    # torch's ops fed the kernel's own gradient of the modulated input
+    for mode, a in [(1, alpha), (0, alpha * 0.3), (2, alpha)]:
+        grad = torch.randn(2, b * t, k)
+        dx, ga, dsc, dsh = rotate_quantize_backward(x.reshape(-1, k), grad, signs, lay, a, 3, True, mode,
+                                                    norm=(scale, shift, 1e-6))
+        xr, scr, shr = (v.clone().requires_grad_() for v in (x, scale, shift))
+        u = modulate(xr, (scr, shr, 1e-6))
+        du, ga_ref = rotate_quantize_backward(u.detach().reshape(-1, k), grad, signs, lay, a, 3, True, mode)
+        gx, gsc, gsh = torch.autograd.grad(u, (xr, scr, shr), du.reshape(u.shape))
+        for got, want in [(dx, gx.reshape(-1, k)), (ga, ga_ref), (dsc, gsc), (dsh, gsh)]:
+            assert got.shape == want.shape and rel(got, want) < 1e-5, (mode, got.shape, rel(got, want))
     for bad in [(scale[:2], shift[:2], 1e-6), (scale[:, :100], shift[:, :100], 1e-6)]:
         try:
             rotate_quantize(x.reshape(-1, k), signs, lay, alpha, 3, True, 1, want_i8=True, norm=bad)
@@ -218,6 +230,45 @@ def check_fused_norm():
         else:
             raise AssertionError("no error for a bad norm")
     print("fused norm ok")
+
+
+def check_qat_fused_norms():
+    """QAT DiT blocks with the adaLN inside the q/k/v and fc1 kernels (forward and backward)
+    against the same blocks on the reference path: the output and every parameter's gradient,
+    with timestep groups, and with the GELU inside fc2's kernels as well."""
+    from diffusers import DiTTransformer2DModel
+
+    from robuq.models import disable_label_dropout
+
+    for cfg, gelu in [(dict(act_bits=3), False), (dict(act_bits=2, timestep_groups=2), True)]:
+        torch.manual_seed(6)
+        model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=48, in_channels=1, out_channels=1,
+                                      num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+        disable_label_dropout(model)  # the same labels in both runs
+        quantize_(model, QuantConfig(**cfg))
+        x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([10, 700, 3, 999]), torch.tensor([1, 3, 10, 0])
+        model(x, timestep=t, class_labels=y)  # initialise the LSQ steps
+        ref, fus = copy.deepcopy(model), copy.deepcopy(model)
+        use_fused_kernels(fus, fuse_activations=gelu, fuse_norms=True)
+        assert all("forward" in b.__dict__ for b in fus.transformer_blocks)
+        outs = []
+        for m in (ref, fus):
+            xi = x.clone().requires_grad_()
+            out = m(xi, timestep=t, class_labels=y).sample
+            (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+            outs.append((out, xi.grad))
+        assert rel(outs[1][0], outs[0][0]) < 1e-5 and rel(outs[1][1], outs[0][1]) < 1e-5, cfg
+        pr, pf = dict(ref.named_parameters()), dict(fus.named_parameters())
+        for name in pr:  # (a step's gradient sums terms of both signs: fp32 sums differ more)
+            if pr[name].grad is None:
+                assert pf[name].grad is None or not pf[name].grad.any(), name
+                continue
+            tol = 1e-4 if name.endswith("step") else 1e-5
+            assert rel(pf[name].grad, pr[name].grad) < tol or (pf[name].grad - pr[name].grad).norm() < 1e-6, (
+                cfg, name, rel(pf[name].grad, pr[name].grad))
+        use_fused_kernels(fus, False)
+        assert not any("forward" in b.__dict__ for b in fus.transformer_blocks)
+    print("qat fused norms ok")
 
 
 def check_gated_residual():
@@ -243,5 +294,6 @@ if __name__ == "__main__":
     check_fused_gelu()
     check_fused_norm()
     check_gated_residual()
+    check_qat_fused_norms()
     print("OK")
     sys.exit(0)

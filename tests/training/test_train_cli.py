@@ -114,8 +114,10 @@ def test_fused_kernels_switch(tmp_path):
     plain, fused = DiTModule(teacher=str(path)), DiTModule(teacher=str(path), fused_kernels=True)
     assert fused.fused_layers and all(fused.fused_layers.values())
     fused.student.load_state_dict(plain.student.state_dict())
-    q = fused.ema.transformer_blocks[0].attn1.to_q
-    assert q.forward.__self__ is q  # the EMA copy's forward is bound to the copy
+    q, block = fused.ema.transformer_blocks[0].attn1.to_q, fused.ema.transformer_blocks[0]
+    assert q.forward.__self__ is q and block.forward.__self__ is block  # the EMA copy's are bound to the copy
+    apart = DiTModule(teacher=str(path), fused_kernels=True, fuse_norms=False)
+    assert "forward" not in apart.student.transformer_blocks[0].__dict__
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
     with torch.no_grad():
         torch.testing.assert_close(fused.student(x, timestep=t, class_labels=y).sample,

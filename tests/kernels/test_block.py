@@ -1,4 +1,4 @@
-"""The exported DiT block with its adaLN inside the quantize launches (robuq.deploy.block): which
+"""The exported DiT block with its adaLN inside the quantize launches (robuq.kernels.block): which
 blocks get it, and that it computes what diffusers' block does (CPU: the launches fall back to
 torch's LayerNorm and modulation; the kernel is checked under the interpreter and on the GPU)."""
 
