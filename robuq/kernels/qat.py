@@ -13,6 +13,9 @@ forward multiplies the 16-bit fake-quant tensors. Layers that read the same inpu
 rotation (q, k, v of an attention) run as one group: one kernel launch rotates x once and
 quantizes it with each layer's own LSQ step; the backward kernel takes their three gradients and
 rotates their sum back once (on DiT-XL/2 this took the step from 1.24x to 1.19x a bf16 step).
+In a DiT block the q/k/v and fc1 launches can also take the residual stream and compute the
+block's adaLN (LayerNorm and modulation) themselves, forward and backward (``norm=``,
+``robuq.kernels.block``: 1.19x -> 1.05x as a CUDA graph, docs/PERFORMANCE.md section 3.1).
 Saved for backward: x (shared with every other consumer of the same input), the
 16-bit GEMM input, s_t, the ternary weight; never the reference's fp32 rotated intermediates.
 Backward recomputes the rotation from x inside the backward kernel. Under bf16 autocast an fp32
