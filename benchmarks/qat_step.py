@@ -4,17 +4,19 @@ Rows (issue 7):
   a  plain bf16 DiT-XL/2 step (fwd + bwd + AdamW): the baseline
   b  QAT student, pure-torch reference path (robuq.quant)
   c  QAT student, fused Triton path (robuq.kernels.qat.use_fused_kernels: forward GEMMs on fp8
-     tensor cores where the GPU has them, one rotate+quantize launch for q, k and v of each attention)
+     tensor cores where the GPU has them, one rotate+quantize launch for q, k and v of each attention),
+     with diffusers' own adaLN norms (fuse_norms=False: the default until session 7)
   c16  (c) with the forward GEMMs in bf16 (robuq.kernels.qat.FP8_FORWARD = False)
   c3   (c) with q, k and v quantized by three launches (diffusers' own attention processor)
   cg   (c) with the MLP's GELU inside the kernels of fc2 (fuse_activations: less memory, not faster)
-  cn   (c) with each block's adaLN (LayerNorm + modulation) inside the q/k/v and fc1 kernels (fuse_norms)
+  cn   (c) with each block's adaLN (LayerNorm + modulation) inside the q/k/v and fc1 kernels
+       (fuse_norms=True): the fused path as it ships
   d  full QAT step: frozen bf16 teacher forward + (c) with the distillation MSE; the teacher runs
      as a plain bf16 model (robuq.models.frozen_forward, what DiTModule does)
   da (d) with the teacher under the step's autocast (before session 7: its LayerNorms in fp32)
-  dn (d) with the student's adaLN inside the kernels, as cn
+  dn (d) with the student's adaLN inside the kernels, as cn: the full step as it ships
 
-    python benchmarks/qat_step.py [--rows a b c d] [--modes eager compile-regional graph] [--steps 10]
+    python benchmarks/qat_step.py [--rows a b c cn d dn] [--modes eager compile-regional graph] [--steps 10]
 
 Prints ms/step, images/s, peak memory and each row's time and memory against row (a) in the same
 mode: eager, torch.compile (per block or whole model), or the whole step as one CUDA graph.
@@ -279,7 +281,7 @@ MODES = ("eager", "compile-regional", "compile-full", "graph", "compile-graph")
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", nargs="*", default=["a", "b", "c", "d"])
+    ap.add_argument("--rows", nargs="*", default=["a", "b", "c", "cn", "d", "dn"])
     ap.add_argument("--modes", nargs="*", default=["eager"], choices=MODES,
                     help="eager; torch.compile per block (regional) or of the whole model (full); the whole "
                          "step as one CUDA graph (graph), also after per-block compile (compile-graph). "
