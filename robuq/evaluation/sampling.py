@@ -20,7 +20,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from rich.progress import Progress
 
 from robuq.diffusion import SCHEDULE_KWARGS
-from robuq.models import native_dtype
+from robuq.models import frozen_forward
 
 SCHEDULERS = ("ddpm", "ddim", "dpm")
 
@@ -110,13 +110,12 @@ def denoise(model, scheduler, x: torch.Tensor, y: torch.Tensor, *, steps: int, c
     """x_T [B, C, H, W] -> x_0 through ``steps`` steps of a diffusers ``scheduler`` with CFG (module
     docstring); ``generator`` (one, or one per sample) feeds the scheduler's stochastic steps.
 
-    ``dtype``: the model's compute dtype. A model stored in it (a bf16 export, a ``.to(bfloat16)``
-    DiT) gets its inputs in that dtype, as diffusers' ``DiTPipeline`` feeds them; a model stored in
-    fp32 runs under autocast to ``dtype``. (Autocast over a bf16 model would run its LayerNorms, and
+    ``dtype``: the compute dtype of a model stored in fp32, which then runs under autocast to it. A
+    model stored in bf16/fp16 (a bf16 export, a ``.to(bfloat16)`` DiT) runs in its own dtype on
+    inputs cast to it (``robuq.models.frozen_forward``), as diffusers' ``DiTPipeline`` feeds them. (Autocast over a bf16 model would run its LayerNorms, and
     the elementwise ops after them, in fp32: 23% slower for the bf16 DiT-XL/2 at batch 16 on an
     H100, docs/PERFORMANCE.md.) x and the scheduler stay in fp32 either way."""
     channels = x.shape[1]
-    native = native_dtype(model) == dtype
     out_channels = 2 * channels if learned_sigma else channels
     keep_v = learned_sigma and getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
     guided = cfg_scale != 1.0
@@ -125,9 +124,8 @@ def denoise(model, scheduler, x: torch.Tensor, y: torch.Tensor, *, steps: int, c
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
         x_in = torch.cat([x_in, x_in]) if guided else x_in
-        with torch.autocast(x.device.type, dtype, enabled=dtype != torch.float32 and not native):
-            out = model(x_in.to(dtype) if native else x_in, timestep=t.expand(len(x_in)),
-                        class_labels=y_in).sample.float()
+        with torch.autocast(x.device.type, dtype, enabled=dtype != torch.float32):
+            out = frozen_forward(model, x_in, t.expand(len(x_in)), y_in).float()
         if out.shape[1] != out_channels:
             raise ValueError(
                 f"model returned {out.shape[1]} channels, expected {out_channels} "
