@@ -35,6 +35,13 @@ class Schedule:
         self.posterior_mean_coef1 = b * a_bar_prev.sqrt() / (1 - a_bar)
         self.posterior_mean_coef2 = (1 - a_bar_prev) * (1 - b).sqrt() / (1 - a_bar)
 
+    def to(self, device: torch.device | str) -> "Schedule":
+        """The same schedule with its tables on ``device`` (indexing them there needs no host copy,
+        so a captured CUDA graph can use them)."""
+        moved = Schedule.__new__(Schedule)
+        moved.__dict__.update({k: v.to(device) for k, v in vars(self).items()})
+        return moved
+
     @staticmethod
     def _at(v: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return v.to(t.device)[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))

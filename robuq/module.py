@@ -44,6 +44,11 @@ class DiTModule(L.LightningModule):
     names and checkpoints do not change; the 28 identical DiT-XL/2 blocks share their compiled
     graphs): it removes most of the per-op host overhead that makes eager steps slow (DiT-XL/2 fit on
     an H100: 385 -> 292 ms per step after ~1 min of compilation, docs/PERFORMANCE.md).
+    ``cuda_graph`` (one CUDA GPU) runs the first training step eagerly, then captures the step's
+    forward and backward (teacher included) as one CUDA graph and replays it: the host launches one
+    graph instead of thousands of kernels (robuq.cuda_graph). The noise, timesteps and dropped
+    labels are drawn outside the graph from the same per-step generators, so a run computes the
+    same step either way and resumes exactly.
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class DiTModule(L.LightningModule):
         fuse_gelu: bool = False,
         fuse_norms: bool = True,
         compile_blocks: bool = False,
+        cuda_graph: bool = False,
     ):
         super().__init__()
         if task not in TASKS:
@@ -118,6 +124,8 @@ class DiTModule(L.LightningModule):
                 _compile_blocks(m)
         self.schedule = Schedule()
         self.num_classes = num_classes(student)
+        self._captured = None  # the CapturedStep, from the second training step on (cuda_graph)
+        self._replayed = False  # this step's backward ran inside the replayed graph
 
     # ----------------------------------------------------------------------------- data of a step
     def _generator(self, *key: int) -> torch.Generator:
@@ -146,8 +154,9 @@ class DiTModule(L.LightningModule):
         return dit_forward(self.student, xt, t, y)
 
     # ----------------------------------------------------------------------------- losses
-    def _losses(self, x0, y, g, drop_labels: bool) -> dict[str, torch.Tensor]:
-        xt, t, y, noise = self._noised(x0, y, g, drop_labels)
+    def _losses(self, x0, xt, t, y, noise) -> dict[str, torch.Tensor]:
+        """The step's losses on drawn (x_t, t, y, noise): no random draws and no host syncs here, so
+        that it can be captured as a CUDA graph."""
         hp = self.hparams
         want_features = self.task == "qat" and hp.feature_weight > 0
         with _block_outputs(self.student, want_features) as s_feats:
@@ -191,7 +200,14 @@ class DiTModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x0, y = batch
         self._check_batch(x0, y)
-        losses = self._losses(x0, y, self._generator(self.global_step), drop_labels=True)
+        xt, t, y, noise = self._noised(x0, y, self._generator(self.global_step), drop_labels=True)
+        losses = self._replay(x0, xt, t, y, noise) if self.hparams.cuda_graph else None
+        if self.hparams.cuda_graph:
+            self._report_previous_step(log=losses is not None)
+        if losses is not None:  # checked and logged on the GPU and one step later: the host never waits
+            self._step_losses = losses
+            return losses["loss"]
+        losses = self._losses(x0, xt, t, y, noise)
         loss = losses["loss"]
         bad = not bool(torch.isfinite(loss))
         if self.trainer.world_size > 1:  # every rank skips or stops together, else DDP hangs in backward
@@ -209,6 +225,68 @@ class DiTModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
+    def _replay(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """cuda_graph: the step (forward and backward) replayed from the captured graph, captured on
+        the second training step of this process (the first, eager, initialises the LSQ steps, the
+        EMA, the optimizer state and any compiled blocks); None where the step must run eagerly."""
+        from .cuda_graph import CapturedStep
+
+        self._replayed = False
+        if self._captured is None:
+            if not getattr(self, "_eager_step_done", False):
+                self._eager_step_done = True
+                return None
+            self._captured = CapturedStep(self._losses, list(self.student.parameters()), inputs)
+        losses = self._captured(*inputs)
+        self._replayed = losses is not None  # None: another batch shape (e.g. a last, smaller batch)
+        return losses
+
+    def _gate_replayed_step(self, optimizer) -> None:
+        """cuda_graph: check the replayed step on the GPU instead of the host. A non-finite loss or
+        gradient sets ``found_inf``, and the fused AdamW skips the update on the GPU (as it does under
+        fp16 loss scaling); the losses and the flag go to pinned host memory, read one step later."""
+        grads = [g for g in self._captured.grads if g is not None]
+        losses = torch.stack([v.detach().float() for v in self._step_losses.values()])
+        bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum() + losses.sum())).float()
+        optimizer.found_inf = bad
+        report = torch.cat([losses, bad.reshape(1)])
+        host = torch.empty(report.shape, dtype=report.dtype, pin_memory=True).copy_(report, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._pending = (self.global_step, list(self._step_losses), host, done)
+
+    def _report_previous_step(self, log: bool = True) -> None:
+        """cuda_graph: the previous replayed step's losses and non-finite check, read once the GPU has
+        finished that step (it runs the step just launched meanwhile), and acted on as ``nan_policy``
+        says. A bad step's update was skipped on the GPU; only the EMA took one more step towards the
+        unchanged weights."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is None:
+            return
+        step, names, host, done = pending
+        done.synchronize()
+        values = host.clone()
+        if values[-1] > 0:
+            msg = (f"non-finite loss or gradient at step {step} (losses {dict(zip(names, values.tolist()))}; the "
+                   f"update was skipped on the GPU); {self._first_bad_quantizer()}")
+            if self.nan_policy == "stop":
+                raise FloatingPointError(msg + ". The weights and the last checkpoint are intact; lower the lr or "
+                                         "set nan_policy=skip.")
+            rank_zero_warn(msg + "; skipped (nan_policy=skip)")
+        if log:  # host tensors: the progress bar's .item() does not wait for the GPU
+            self.log_dict({f"train/{k}": v for k, v in zip(names, values)}, prog_bar=True, batch_size=1)
+
+    def on_train_end(self) -> None:
+        self._report_previous_step(log=False)
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if not self._replayed:  # else the replayed graph has computed this step's gradients
+            super().backward(loss, *args, **kwargs)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if not self._replayed:  # the replay overwrites its gradients; zeroing would detach them
+            optimizer.zero_grad()
+
     def _first_bad_quantizer(self) -> str:
         for name, q in lsq_quantizers(self.student).items():
             if not torch.isfinite(q.step).all():
@@ -221,7 +299,7 @@ class DiTModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x0, y = batch
         self._check_batch(x0, y)
-        losses = self._losses(x0, y, self._generator(-1, batch_idx), drop_labels=False)
+        losses = self._losses(x0, *self._noised(x0, y, self._generator(-1, batch_idx), drop_labels=False))
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, sync_dist=True, batch_size=x0.shape[0])
 
     # ----------------------------------------------------------------------------- optimisation
@@ -233,7 +311,10 @@ class DiTModule(L.LightningModule):
         groups = [{"params": weights, "lr": hp.lr, "weight_decay": hp.weight_decay}]
         if steps:
             groups.append({"params": steps, "lr": hp.quant_lr, "weight_decay": 0.0})
-        opt = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        # fused on CUDA (a few launches per step; it can skip a bad step on the GPU, which cuda_graph
+        # uses), but not under fp16 loss scaling, where Lightning must unscale before clipping
+        fused = self.device.type == "cuda" and getattr(self.trainer.precision_plugin, "scaler", None) is None
+        opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if hp.lr_schedule == "cosine" else 1
 
         def factor(step: int) -> float:
@@ -247,10 +328,26 @@ class DiTModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, without its refusal of fused optimizers (it assumes they unscale fp16
+        gradients themselves; ours is fused only where no loss scaler runs, configure_optimizers)."""
+        if not optimizer.defaults.get("fused"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_val:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss can still give non-finite gradients (overflow in backward); stepping on
         them would write NaN weights into the next checkpoint. ``stop`` raises before the step,
         ``skip`` drops this step's update. (With fp16's GradScaler, the scaler does this itself.)"""
+        if self._replayed:
+            self._gate_replayed_step(optimizer)
+            return
+        optimizer.__dict__.pop("found_inf", None)  # set by a replayed step; an eager step checks on the host
         if getattr(self, "_skip_update", False):  # training_step found a non-finite loss (nan_policy=skip)
             for p in self.student.parameters():
                 p.grad = None
@@ -285,21 +382,40 @@ class DiTModule(L.LightningModule):
             self.ema_started.fill_(True)
             return
         decay = self.hparams.ema_decay
-        for e, s in zip(self.ema.parameters(), self.student.parameters()):
-            e.lerp_(s.detach(), 1 - decay)
-        for e, s in zip(self.ema.buffers(), self.student.buffers()):
-            e.copy_(s)
+        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.student.parameters()], 1 - decay)
+        ema_buffers = list(self.ema.buffers())
+        if ema_buffers:
+            torch._foreach_copy_(ema_buffers, list(self.student.buffers()))
         for e, s in zip(lsq_quantizers(self.ema).values(), lsq_quantizers(self.student).values()):
             e.set_extra_state(s.get_extra_state())
 
     # ----------------------------------------------------------------------------- devices & checkpoints
     def on_fit_start(self) -> None:
-        self._move_teacher()
+        self._move_teacher_and_schedule()
+        if self.hparams.cuda_graph:
+            self._check_cuda_graph()
+
+    def _check_cuda_graph(self) -> None:
+        """Refuse the settings a captured step cannot honour, before the first step."""
+        trainer, fix = self.trainer, "set cuda_graph: false"
+        if self.device.type != "cuda":
+            raise ValueError(f"cuda_graph captures the step on a CUDA GPU, but this run is on {self.device.type}; {fix}")
+        if trainer.world_size > 1:
+            raise ValueError(f"cuda_graph captures one process's step, but this run has {trainer.world_size} "
+                             "processes (DDP's gradient all-reduce runs inside backward and is not captured); "
+                             f"train on one GPU or {fix}")
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(f"cuda_graph: each replay overwrites the gradients, so accumulate_grad_batches="
+                             f"{trainer.accumulate_grad_batches} cannot accumulate them; use 1 or {fix}")
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError("cuda_graph: fp16 loss scaling changes the scale between steps; use precision "
+                             f"bf16-mixed or 32, or {fix}")
 
     def on_validation_start(self) -> None:
-        self._move_teacher()
+        self._move_teacher_and_schedule()
 
-    def _move_teacher(self) -> None:
+    def _move_teacher_and_schedule(self) -> None:
+        self.schedule = self.schedule.to(self.device)
         if self.teacher is not None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             nn.Module.to(self.teacher, device=self.device, dtype=dtype)  # diffusers' .to() warns needlessly

@@ -45,6 +45,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from robuq.models import modulate
 from robuq.quant.linear import QuantLinear
@@ -213,12 +214,24 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+_OPTIMIZER_STEPS = [0]  # steps taken by any torch.optim optimizer in this process
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+# Fused optimizers (AdamW(fused=True)) update the weights without bumping their version counter,
+# so the cache below keys on the optimizer steps taken as well.
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 @torch.no_grad()
 def cached_ternary_weight(layer: QuantLinear, dtype: torch.dtype, fp8: bool = False):
-    """``_ternary_weight_uncached``, recomputed only when the latent weight changed (once per
-    optimizer step)."""
+    """``_ternary_weight_uncached``, recomputed only when the latent weight changed: after any
+    optimizer step or other in-place change."""
     w = layer.weight
-    key = (w._version, w.data_ptr(), dtype, fp8)
+    key = (w._version, _OPTIMIZER_STEPS[0], w.data_ptr(), dtype, fp8)
     cache = getattr(layer, "_robuq_wq", None)
     if cache is not None and cache[0] == key:
         return cache[1]

@@ -82,6 +82,7 @@ def test_resume_is_exact(tmp_path, tiny_teacher, make_config):
         (["--data.init_args.root", "/nonexistent"], "dataset-fashion-mnist"),
         (["--model.model", "{num_layers: 3, num_attention_heads: 2}"], "does not match"),
         (["--model.teacher", "/nonexistent/teacher"], "cannot load a DiT"),
+        (["--model.cuda_graph", "true"], "cuda_graph captures the step on a CUDA GPU, but this run is on cpu"),
     ],
 )
 def test_bad_input_stops_before_training(tmp_path, tiny_teacher, make_config, override, message):

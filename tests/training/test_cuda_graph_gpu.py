@@ -1,0 +1,101 @@
+"""The training step replayed from a CUDA graph (``DiTModule(cuda_graph=True)``) against eager steps:
+the same run, step for step. Needs a CUDA GPU (skipped in CPU CI; run by the GPU stage)."""
+
+import lightning as L
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+from torch.utils.data import DataLoader, TensorDataset
+
+from robuq.cuda_graph import CapturedStep
+from robuq.module import DiTModule
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class _Losses(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """Whether each CapturedStep call replayed (True) or left the step to eager (False)."""
+    calls = []
+    call = CapturedStep.__call__
+
+    def counted(self, *inputs):
+        out = call(self, *inputs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(CapturedStep, "__call__", counted)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "dit"  # hidden 192 = 12 * 16: a layout the fused kernels serve
+    DiTTransformer2DModel(num_attention_heads=3, attention_head_dim=64, in_channels=1, out_channels=2, num_layers=2,
+                          sample_size=16, patch_size=2, num_embeds_ada_norm=10).save_pretrained(path)
+    return str(path)
+
+
+def _fit(teacher, cuda_graph, fused=False, nan_batch=None, **module_args):
+    torch.manual_seed(0)
+    # 5 batches of 8 and a last one of 4 (it does not fit the captured shapes: an eager step), two epochs
+    x = torch.randn(44, 1, 16, 16)
+    if nan_batch is not None:
+        x[8 * nan_batch] = float("nan")
+    data = TensorDataset(x, torch.randint(0, 10, (44,)))
+    module = DiTModule(teacher=teacher, lr=3e-3, quant_lr=3e-3, ema_decay=0.9, fused_kernels=fused,
+                       cuda_graph=cuda_graph, diffusion_weight=0.5, **module_args)
+    losses = _Losses()
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=2, gradient_clip_val=1.0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[losses])
+    trainer.fit(module, DataLoader(data, batch_size=8))
+    return module, losses.losses
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_cuda_graph_steps_match_eager_steps(teacher, replays, fused):
+    """12 steps: eager vs the first eager and the rest replayed (bar the two smaller last batches).
+    The first five steps agree to rounding. After that the fused runs drift slowly apart (1.5% in the
+    loss by step 11 at this lr on an H100: last-bit differences we did not trace to a kernel flip A2
+    codes), so later losses and the final weights are held to looser bounds, which a stale weight,
+    a dropped gradient or a lost update would still break (Adam moves a weight by up to 12 x lr = 0.036)."""
+    if fused:
+        pytest.importorskip("triton")
+    eager, eager_losses = _fit(teacher, False, fused)
+    assert not replays
+    graph, graph_losses = _fit(teacher, True, fused)
+    # step 0 eager; steps 1-4 replayed; 5 (4 samples) eager; 6-10 replayed; 11 eager
+    assert replays == [True] * 4 + [False] + [True] * 5 + [False]
+    assert len(eager_losses) == len(graph_losses) == 12
+    graph_losses, eager_losses = torch.tensor(graph_losses), torch.tensor(eager_losses)
+    torch.testing.assert_close(graph_losses[:5], eager_losses[:5], rtol=2e-3, atol=0)
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=5e-2, atol=0)
+    moved = 0.0
+    for (name, p), p0 in zip(graph.student.named_parameters(), DiTModule(teacher=teacher).student.parameters()):
+        if not name.endswith("quantizer.step"):  # (steps start uninitialised in a fresh module)
+            moved = max(moved, float((p.detach().cpu() - p0).abs().max()))
+        torch.testing.assert_close(p, dict(eager.student.named_parameters())[name], rtol=0, atol=2e-2, msg=name)
+    assert moved > 0.02  # the runs trained: 0.036 on an H100
+    for a, b in zip(eager.ema.parameters(), graph.ema.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-2)
+
+
+def test_cuda_graph_skips_or_stops_at_a_non_finite_step(teacher, replays):
+    """A NaN sample in a replayed step: the fused AdamW skips the update on the GPU; the host finds out
+    one step later and warns (nan_policy=skip) or stops (stop), and no weight is ever non-finite."""
+    with pytest.warns(UserWarning, match="non-finite loss or gradient at step 3"):
+        skipped, losses = _fit(teacher, True, nan_batch=3, nan_policy="skip")
+    assert replays[2] and len(losses) == 12 and not torch.isfinite(torch.tensor(losses[3]))
+    assert all(torch.isfinite(p).all() for p in skipped.student.parameters())
+    assert all(torch.isfinite(p).all() for p in skipped.ema.parameters())
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 3"):
+        _fit(teacher, True, nan_batch=3, nan_policy="stop")
