@@ -315,10 +315,12 @@ def fused_linears(layers, x: torch.Tensor, act: str | None = None,
     kernels (forward and backward)."""
     first = layers[0]
     act_id(act)
+    if norm is not None and x.dim() != 3:
+        raise ValueError(f"fused_linears: norm (the adaLN) needs x of shape [B, T, K], got {tuple(x.shape)}")
     qs = [m.act.quantizer for m in layers]
     cdt = _compute_dtype(x)
     if (not (all(q.initialized for q in qs) and (x.is_cuda or tq.INTERPRET)) or x.shape[-1] != first.in_features
-            or (cdt == torch.float32 and not tq.INTERPRET) or (norm is not None and x.dim() != 3)):
+            or (cdt == torch.float32 and not tq.INTERPRET)):
         # fp32 training (no autocast) stays on the reference path: on the H100 the fp32 fused
         # backward returned non-finite values at K = 1152 and one fp32 test faulted, probably the
         # n_iter specialisation fault fixed in triton_quant (not re-tested in fp32). The kernels

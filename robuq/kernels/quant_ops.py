@@ -150,7 +150,7 @@ def rotate_quantize(
     dev = x.device
     res: dict[str, torch.Tensor] = {"s": torch.empty(g, m, device=dev, dtype=torch.float32)}
     dummy = res["s"]
-    scale, shift, ln_eps, per_sample, stride_mod = _norm_args(norm, x, act, dummy)
+    scale, shift, ln_eps, per_sample, stride_mod = _norm_args(norm, x, act, dummy, "rotate_quantize")
     i8 = torch.empty(g, m, k, device=dev, dtype=torch.int8) if want_i8 else dummy
     f8 = torch.empty(g, m, k, device=dev, dtype=torch.float8_e4m3fn) if want_f8 else dummy
     o = torch.empty(g, m, k, device=dev, dtype=out_dtype) if out else dummy
@@ -178,18 +178,18 @@ def rotate_quantize(
     return res
 
 
-def _norm_args(norm, x: torch.Tensor, act: str | None, dummy: torch.Tensor):
+def _norm_args(norm, x: torch.Tensor, act: str | None, dummy: torch.Tensor, caller: str):
     """(scale, shift, eps, tokens per sample, row stride) kernel arguments of an adaLN ``norm`` (or
-    dummies)."""
+    dummies); errors name ``caller``."""
     if norm is None:
         return dummy, dummy, 0.0, 1, 0
     scale, shift, eps = norm
     m, k = x.shape
     if act is not None:
-        raise ValueError("rotate_quantize: norm and act cannot be combined (the adaLN feeds a linear, not a GELU)")
+        raise ValueError(f"{caller}: norm and act cannot be combined (the adaLN feeds a linear, not a GELU)")
     if scale.dim() != 2 or scale.shape != shift.shape or scale.shape[1] != k or scale.stride(1) != 1 or (
             shift.stride(0) != scale.stride(0)) or scale.shape[0] == 0 or m % scale.shape[0]:
-        raise ValueError(f"rotate_quantize: norm scale and shift must be [B, {k}] with unit column stride and one "
+        raise ValueError(f"{caller}: norm scale and shift must be [B, {k}] with unit column stride and one "
                          f"row stride, B dividing the {m} tokens; got {tuple(scale.shape)} / {tuple(shift.shape)}")
     return scale, shift, float(eps), m // scale.shape[0], scale.stride(0)
 
@@ -231,7 +231,7 @@ def rotate_quantize_backward(
     g = alpha.shape[0]
     dx = torch.empty_like(x)
     ga = torch.empty(g, m, device=x.device, dtype=torch.float32)
-    scale, shift, ln_eps, per_sample, stride_mod = _norm_args(norm, x, act, ga)
+    scale, shift, ln_eps, per_sample, stride_mod = _norm_args(norm, x, act, ga, "rotate_quantize_backward")
     grid = _grid(m, x.device, lay)
     n_iter, chunks = triton_cdiv(m, grid[0]), 1
     if norm is not None:  # programs in runs of one sample's tokens; partial scale/shift gradients

@@ -223,12 +223,17 @@ def check_fused_norm():
         for got, want in [(dx, gx.reshape(-1, k)), (ga, ga_ref), (dsc, gsc), (dsh, gsh)]:
             assert got.shape == want.shape and rel(got, want) < 1e-5, (mode, got.shape, rel(got, want))
     for bad in [(scale[:2], shift[:2], 1e-6), (scale[:, :100], shift[:, :100], 1e-6)]:
-        try:
-            rotate_quantize(x.reshape(-1, k), signs, lay, alpha, 3, True, 1, want_i8=True, norm=bad)
-        except ValueError as e:
-            assert "norm scale and shift must be [B, 192]" in str(e), e
-        else:
-            raise AssertionError("no error for a bad norm")
+        calls = [("rotate_quantize", lambda: rotate_quantize(x.reshape(-1, k), signs, lay, alpha, 3, True, 1,
+                                                             want_i8=True, norm=bad)),
+                 ("rotate_quantize_backward", lambda: rotate_quantize_backward(x.reshape(-1, k), grad, signs, lay,
+                                                                               alpha, 3, True, 1, norm=bad))]
+        for name, call in calls:  # the error names the function that was called
+            try:
+                call()
+            except ValueError as e:
+                assert str(e).startswith(f"{name}: norm scale and shift must be [B, 192]"), e
+            else:
+                raise AssertionError(f"no error from {name} for a bad norm")
     print("fused norm ok")
 
 

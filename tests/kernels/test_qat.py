@@ -25,3 +25,14 @@ def test_cached_ternary_weight_follows_every_optimizer_step(fused):
     assert after is not first
     torch.testing.assert_close(after[0], _ternary_weight_uncached(layer, torch.float32)[0], rtol=0, atol=0)
     assert not torch.equal(after[0], first[0])
+
+
+def test_fused_linears_refuses_a_norm_without_tokens():
+    from robuq.kernels.qat import fused_linears
+
+    model = torch.nn.Sequential(torch.nn.Linear(192, 8))
+    quantize_(model, QuantConfig(act_bits=2, include=["0"]))
+    norm = (torch.zeros(2, 192), torch.zeros(2, 192), 1e-6)
+    with pytest.raises(ValueError, match=r"norm \(the adaLN\) needs x of shape \[B, T, K\], got \(8, 192\)"):
+        fused_linears([model[0]], torch.randn(8, 192), norm=norm)
+    assert fused_linears([model[0]], torch.randn(2, 4, 192), norm=norm)[0].shape == (2, 4, 8)  # reference path on CPU
