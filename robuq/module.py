@@ -46,9 +46,10 @@ class DiTModule(L.LightningModule):
     an H100: 385 -> 292 ms per step after ~1 min of compilation, docs/PERFORMANCE.md).
     ``cuda_graph`` (one CUDA GPU) runs the first training step eagerly, then captures the step's
     forward and backward (teacher included) as one CUDA graph and replays it: the host launches one
-    graph instead of thousands of kernels (robuq.cuda_graph). The noise, timesteps and dropped
-    labels are drawn outside the graph from the same per-step generators, so a run computes the
-    same step either way and resumes exactly.
+    graph instead of thousands of kernels (robuq.cuda_graph; DiT-XL/2 fit on an H100: 449 -> 142 ms
+    per step, 128 with compiled blocks). The noise, timesteps and dropped labels are drawn outside
+    the graph from the same per-step generators, so a run computes the same step either way and
+    resumes exactly; losses are logged, and non-finite steps reported, one step late.
     """
 
     def __init__(

@@ -6,7 +6,9 @@ Speed does not depend on weight values, so random weights are fine.
 
 WORKDIR's data and teacher are made once and reused. Prints the wall time of the `fit` call, so
 two calls with different --steps give the time per step (e.g. with and without
---model.compile_blocks true).
+--model.compile_blocks true); the Throughput callback prints the median step time as well, e.g.
+
+    python scripts/gpu_xl_smoke.py /tmp/xl --steps 30 --model.cuda_graph true --trainer.val_check_interval 1000
 """
 
 import subprocess
