@@ -36,17 +36,17 @@ class CapturedStep:
     Built from one step's inputs (``warmup`` passes on a side stream, then the capture; neither
     changes a weight); each call copies its inputs into the static buffers and replays. A call
     whose inputs differ in shape, dtype or device returns None, and the caller runs that step
-    eagerly. ``fn`` must not draw
-    random numbers or synchronise with the host (draw outside, pass the draws in).
+    eagerly. ``fn`` must not draw random numbers or synchronise with the host (draw outside, pass
+    the draws in).
     """
 
     def __init__(self, fn: Callable[..., dict[str, torch.Tensor]], params: Sequence[nn.Parameter],
                  inputs: Sequence[torch.Tensor], warmup: int = 1):
         self.params = [p for p in params if p.requires_grad]
         self.static = [x.detach().clone() for x in inputs]
-        for p in self.params:  # the eager steps' gradients: free them before the graph takes its pool
-            p.grad = None
-        torch.cuda.empty_cache()  # give the eager steps' cached blocks back before the graph takes its pool
+        for p in self.params:  # free the eager steps' gradients and their cached blocks before the
+            p.grad = None  # graph takes its own memory pool
+        torch.cuda.empty_cache()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), _autocast_without_cache():

@@ -127,6 +127,7 @@ class DiTModule(L.LightningModule):
         self.num_classes = num_classes(student)
         self._captured = None  # the CapturedStep, from the second training step on (cuda_graph)
         self._replayed = False  # this step's backward ran inside the replayed graph
+        self._eager_step_done = False  # cuda_graph captures from the second training step on
 
     # ----------------------------------------------------------------------------- data of a step
     def _generator(self, *key: int) -> torch.Generator:
@@ -234,7 +235,7 @@ class DiTModule(L.LightningModule):
 
         self._replayed = False
         if self._captured is None:
-            if not getattr(self, "_eager_step_done", False):
+            if not self._eager_step_done:
                 self._eager_step_done = True
                 return None
             self._captured = CapturedStep(self._losses, list(self.student.parameters()), inputs)
