@@ -41,7 +41,10 @@ def test_same_seed_same_samples_any_batch_size(scheduler, learned_sigma, make_ti
     a = sample(model, LABELS, batch_size=8, **kwargs)
     assert a.shape == (20, 1, 32, 32) and a.dtype == torch.float32 and a.isfinite().all()
     assert torch.equal(a, sample(model, LABELS, batch_size=8, **kwargs))
-    torch.testing.assert_close(a, sample(model, LABELS, batch_size=20, **kwargs))  # same noise per sample
+    # same noise per sample; the GEMMs' rounding depends on the batch size (CPU kernels block by it), and the
+    # untrained DiT's samples grow to ~1e3-1e7, so the bound is relative to their scale
+    scale = float(a.abs().max())
+    torch.testing.assert_close(a, sample(model, LABELS, batch_size=20, **kwargs), rtol=1e-4, atol=1e-6 * scale)
     assert not torch.equal(a, sample(model, LABELS, batch_size=8, seed=1, **kwargs))
 
 
