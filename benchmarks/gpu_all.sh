@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_all.sh                # stages: tests inference qat
 #   STAGES="qat_compile" bash benchmarks/gpu_all.sh
 #   STAGES="sweep" bash benchmarks/gpu_all.sh   # launch settings of the rotate+quantize kernels
+#   STAGES="fit" bash benchmarks/gpu_all.sh     # the train.py fit loop of DiT-XL/2, QAT and full precision
 # Logs and JSON go to $OUT (the device tool's output folder) or ./out. Needs a CUDA GPU, torch,
 # triton; diffusers is installed from wheels/*.whl when the machine lacks it.
 set -o pipefail
@@ -34,6 +35,13 @@ for stage in $STAGES; do
             timeout "$STAGE_TIMEOUT" python3 benchmarks/qat_step.py --json "$OUT/qat.json" ${QAT_ARGS:-} 2>&1 | tee "$OUT/qat.log" || rc=1 ;;
         sweep)
             timeout "$STAGE_TIMEOUT" python3 benchmarks/quant_sweep.py --json "$OUT/sweep.json" ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.log" || rc=1 ;;
+        fit)  # the real `train.py fit` loop (scripts/gpu_xl_smoke.py): the QAT fit and a full-precision fine-tune, each profiled
+            prof='{"class_path": "benchmarks.loop_profile.LoopProfile", "init_args": {"start": '${PROFILE_START:-28}'}}'
+            for task in qat pretrain; do
+                args=(--steps "${FIT_STEPS:-34}" --model.cuda_graph true --trainer.val_check_interval 1000 --trainer.callbacks+="$prof")
+                [ $task = pretrain ] && args+=(--model.task pretrain --model.model null --model.fused_kernels false)
+                timeout "$STAGE_TIMEOUT" python3 scripts/gpu_xl_smoke.py /tmp/xl "${args[@]}" ${FIT_ARGS:-} 2>&1 | tee "$OUT/fit_$task.log" || rc=1
+            done ;;
         qat_compile)
             timeout "$STAGE_TIMEOUT" python3 benchmarks/qat_step.py --no-kernels --modes compile-regional --rows ${COMPILE_ROWS:-a c d} --json "$OUT/qat_compile.json" 2>&1 | tee "$OUT/qat_compile.log" || rc=1 ;;
         *) echo "unknown stage $stage"; rc=1 ;;

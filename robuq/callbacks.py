@@ -63,8 +63,10 @@ class Throughput(L.Callback):
         if self._last is not None:
             self.times.append(now - self._last)
             recent = statistics.median(self.times[-self.window:])
-            pl_module.log("train/step_ms", recent * 1e3, rank_zero_only=True)
-            pl_module.log("train/images_per_s", self._batch * trainer.world_size / recent, rank_zero_only=True)
+            # CPU tensors: Lightning would copy a float to the GPU, and that copy waits for the GPU
+            pl_module.log("train/step_ms", torch.tensor(recent * 1e3), rank_zero_only=True)
+            pl_module.log("train/images_per_s", torch.tensor(self._batch * trainer.world_size / recent),
+                          rank_zero_only=True)
         self._last = now
 
     @rank_zero_only

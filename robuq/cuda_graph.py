@@ -22,8 +22,13 @@ from torch import nn
 
 
 @contextlib.contextmanager
-def _autocast_without_cache(device_type: str = "cuda"):
-    """The caller's autocast state (on or off, same dtype) with the weight-cast cache off."""
+def autocast_without_cache(device_type: str = "cuda"):
+    """The caller's autocast state (on or off, same dtype) with the weight-cast cache off.
+
+    Besides capture, this changes one rounding: a weight used twice in a step (DiT's final layer
+    reuses block 0's timestep embedder) gets a bf16 copy per use, whose gradients are summed in
+    fp32, where the cache's shared copy sums them in bf16. ``DiTModule`` runs its eager steps this
+    way too, so that eager and replayed steps compute the same numbers."""
     with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
                         enabled=torch.is_autocast_enabled(device_type), cache_enabled=False):
         yield
@@ -49,13 +54,13 @@ class CapturedStep:
         torch.cuda.empty_cache()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), _autocast_without_cache():
+        with torch.cuda.stream(side), autocast_without_cache():
             for _ in range(warmup):  # lazy initialisation (cuBLAS, Triton, compile) outside the capture
                 self._gradients(fn(*self.static))
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the data loader's threads may touch CUDA (pinned memory) while we capture
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), _autocast_without_cache():
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), autocast_without_cache():
             outputs = fn(*self.static)
             self.grads = self._gradients(outputs)  # live in the graph's pool, rewritten by each replay
         # detached: holding the captured autograd graph would keep its nodes (and their streams) alive

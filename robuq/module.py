@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.nn.utils import get_total_norm
 
 from .checkpoint import safe_load
-from .cuda_graph import CapturedStep
+from .cuda_graph import CapturedStep, autocast_without_cache
 from .diffusion import NUM_TRAIN_TIMESTEPS, Schedule, diffusion_loss
 from .models import (build_dit, check_same_architecture, dit_config, dit_forward, disable_label_dropout, frozen_forward,
                      load_dit, num_classes)
@@ -131,6 +132,8 @@ class DiTModule(L.LightningModule):
         self._eager_step_done = False  # cuda_graph captures from the second training step on
         self._pending = None  # cuda_graph: the last replayed step's report, read one step later
         self._ema_pairs_of_fit = None  # the EMA's tensors and the student's, listed at train start
+        self._ema_known_started = False  # the host has seen ema_started set (in this fit)
+        self._grad_norm = None  # this step's total gradient norm, taken for the non-finite check, reused to clip
 
     # ----------------------------------------------------------------------------- data of a step
     def _generator(self, *key: int) -> torch.Generator:
@@ -213,7 +216,8 @@ class DiTModule(L.LightningModule):
         if losses is not None:  # checked and logged on the GPU and one step later: the host never waits
             self._step_losses = losses
             return losses["loss"]
-        losses = self._losses(x0, xt, t, y, noise)
+        with autocast_without_cache(self.device.type):  # as the replayed step runs: the same numbers
+            losses = self._losses(x0, xt, t, y, noise)
         loss = losses["loss"]
         bad = not bool(torch.isfinite(loss))
         if self.trainer.world_size > 1:  # every rank skips or stops together, else DDP hangs in backward
@@ -249,15 +253,15 @@ class DiTModule(L.LightningModule):
         """cuda_graph: check the replayed step on the GPU instead of the host. A non-finite loss or
         gradient sets ``found_inf``, and the fused AdamW skips the update on the GPU (as it does under
         fp16 loss scaling); the losses and the flag go to pinned host memory, read one step later."""
-        grads = [g for g in self._captured.grads if g is not None]
         losses = torch.stack([v.detach().float() for v in self._step_losses.values()])
-        bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum() + losses.sum())).float()
+        self._grad_norm = get_total_norm([g for g in self._captured.grads if g is not None])
+        bad = (~torch.isfinite(self._grad_norm + losses.sum())).float()
         optimizer.found_inf = bad
-        report = torch.cat([losses, bad.reshape(1)])
+        report = torch.cat([losses, self._grad_norm.float().reshape(1), bad.reshape(1)])
         host = torch.empty(report.shape, dtype=report.dtype, pin_memory=True).copy_(report, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        self._pending = (self.global_step, list(self._step_losses), host, done)
+        self._pending = (self.global_step, [*self._step_losses, "grad_norm"], host, done)
 
     def _report_previous_step(self, log: bool = True) -> None:
         """cuda_graph: the previous replayed step's losses and non-finite check, read once the GPU has
@@ -335,13 +339,17 @@ class DiTModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's clipping, without its refusal of fused optimizers (it assumes they unscale fp16
-        gradients themselves; ours is fused only where no loss scaler runs, configure_optimizers)."""
+        gradients themselves; ours is fused only where no loss scaler runs, configure_optimizers), and
+        by the total norm on_before_optimizer_step has already taken for its non-finite check."""
+        norm, self._grad_norm = self._grad_norm, None
         if not optimizer.defaults.get("fused"):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         if gradient_clip_val:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            elif norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
             else:
                 torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
@@ -360,10 +368,16 @@ class DiTModule(L.LightningModule):
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
         grads = [p.grad for p in self.student.parameters() if p.grad is not None]
-        if not grads or torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()):
-            return  # (DDP: gradients are already all-reduced, so every rank decides the same)
-        name = next(n for n, p in self.student.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all())
-        msg = f"non-finite gradient at step {self.global_step} (first: {name}); {self._first_bad_quantizer()}"
+        if not grads:
+            return
+        self._grad_norm = get_total_norm(grads)
+        if torch.isfinite(self._grad_norm):  # (DDP: gradients are already all-reduced, so every rank decides the same)
+            self.log("train/grad_norm", self._grad_norm)
+            return
+        name = next((n for n, p in self.student.named_parameters()
+                     if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+        first = f"first: {name}" if name else "every gradient is finite, their total norm overflowed"
+        msg = f"non-finite gradient at step {self.global_step} ({first}); {self._first_bad_quantizer()}"
         if self.nan_policy == "skip":
             rank_zero_warn(msg + "; skipping this step's update (nan_policy=skip)")
             self._skip_update = True
@@ -381,11 +395,15 @@ class DiTModule(L.LightningModule):
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        """ema = decay * ema + (1 - decay) * student; buffers and quantizer widths copied."""
-        if not self.ema_started:
-            self.ema.load_state_dict(self.student.state_dict())
-            self.ema_started.fill_(True)
-            return
+        """ema = decay * ema + (1 - decay) * student; buffers and quantizer widths copied. The first
+        update starts the EMA as a copy. The host remembers that it has started: reading the flag
+        on the GPU would make the host wait for the GPU on every step."""
+        if not self._ema_known_started:
+            self._ema_known_started = True
+            if not self.ema_started:
+                self.ema.load_state_dict(self.student.state_dict())
+                self.ema_started.fill_(True)
+                return
         pairs = self._ema_pairs_of_fit or self._ema_pairs()
         torch._foreach_lerp_(pairs["ema"], pairs["student"], 1 - self.hparams.ema_decay)
         if pairs["ema_buffers"]:
@@ -407,6 +425,7 @@ class DiTModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._ema_pairs_of_fit = self._ema_pairs()
+        self._ema_known_started = False  # (a restored checkpoint has set ema_started)
 
     # ----------------------------------------------------------------------------- devices & checkpoints
     def on_fit_start(self) -> None:

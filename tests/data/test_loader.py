@@ -162,3 +162,16 @@ def _first(loader, k):
 def test_refuses_injected_sampler():
     with pytest.raises(ValueError, match="use_distributed_sampler=False"):
         ResumableDataLoader(Keys(8), 2, sampler=range(8))
+
+
+@pytest.mark.parametrize("device, pinned", [(None, False), ("cpu", False), ("cuda", True)])
+def test_datamodule_loader_pins_batches_for_a_gpu_trainer(device, pinned):
+    """Batches in pinned memory when the trainer runs on a GPU: a copy from pageable memory would
+    make the host wait for the GPU every step."""
+    from types import SimpleNamespace
+
+    from robuq.data.loader import datamodule_loader
+
+    trainer = None if device is None else SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    dm = SimpleNamespace(trainer=trainer, batch_size=2, seed=0, hflip=False, num_workers=0)
+    assert datamodule_loader(dm, Keys(8), train=True).pin_memory is pinned
