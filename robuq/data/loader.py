@@ -140,7 +140,7 @@ def datamodule_loader(dm, dataset: Dataset, train: bool) -> ResumableDataLoader:
     """The loader both datamodules use: shuffled, drop_last and flipped for training only; batches in
     pinned memory when the trainer runs on a GPU. (A copy from pageable memory makes the host wait
     until the GPU has finished all queued work: the GPU then idles while the host fetches the next
-    batch, ~3 ms of a DiT-XL/2 step on an H100, docs/PERFORMANCE.md section 3.2.)"""
+    batch.)"""
     trainer = dm.trainer
     pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
     return ResumableDataLoader(dataset, dm.batch_size, shuffle=train, drop_last=train, seed=dm.seed,
