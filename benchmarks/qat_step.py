@@ -11,13 +11,10 @@ Rows (issue 7):
   cg   (c) with the MLP's GELU inside the kernels of fc2 (fuse_activations: less memory, not faster)
   cn   (c) with each block's adaLN (LayerNorm + modulation) inside the q/k/v and fc1 kernels
        (fuse_norms=True): the fused path as it ships
-  cnx  (cn) with the backward kernels recomputing the rotation from x (qat.SAVE_ROTATED = False:
-       the default until session 10) instead of reading the y the forward saved
   d  full QAT step: frozen bf16 teacher forward + (c) with the distillation MSE; the teacher runs
      as a plain bf16 model (robuq.models.frozen_forward, what DiTModule does)
   da (d) with the teacher under the step's autocast (before session 7: its LayerNorms in fp32)
   dn (d) with the student's adaLN inside the kernels, as cn: the full step as it ships
-  dnx  (dn) recomputing the rotation in backward, as cnx
 
     python benchmarks/qat_step.py [--rows a b c cn d dn] [--modes eager compile-regional graph] [--steps 10]
 
@@ -312,20 +309,17 @@ def main():
                 continue  # the reference path is the slow baseline; 3.4x eager (docs/PERFORMANCE.md)
             label = {"a": "a plain bf16", "b": "b QAT reference", "c": "c QAT fused", "c16": "c16 fused, bf16 fwd GEMM",
                      "c3": "c3 fused, q/k/v apart", "cg": "cg fused, GELU in kernel", "cn": "cn fused, adaLN in kernel",
-                     "cnx": "cnx (cn), bwd recomputes y", "dnx": "dnx (dn), bwd recomputes y",
                      "d": "d QAT fused + teacher", "da": "da (d), teacher autocast",
                      "dn": "dn (d), adaLN in kernel"}[row]
             qat.FP8_FORWARD = row != "c16"
-            qat.SAVE_ROTATED = not row.endswith("x")
             try:
                 teacher = None
                 if row == "a":
                     model = build_xl().train()
                 else:
                     model = make_student(args.bits)
-                    if row != "b":
-                        fused = use_fused_kernels(model, fuse_activations=row == "cg",
-                                                  fuse_norms=row in ("cn", "cnx", "dn", "dnx"))
+                    if row in ("c", "c16", "c3", "cg", "cn", "d", "da", "dn"):
+                        fused = use_fused_kernels(model, fuse_activations=row == "cg", fuse_norms=row in ("cn", "dn"))
                         if row == "c3":
                             from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
@@ -333,7 +327,7 @@ def main():
                                 if isinstance(m, Attention):
                                     m.set_processor(AttnProcessor2_0())
                         print(f"  {label}: {sum(fused.values())}/{len(fused)} layers fused")
-                    if row.startswith("d"):
+                    if row in ("d", "da", "dn"):
                         teacher = build_xl().to(torch.bfloat16).eval().requires_grad_(False)
                 r = run_row(label, model, teacher, args.batch, args.steps, mode, args.profile, teacher_autocast=row == "da")
                 results.append(r)

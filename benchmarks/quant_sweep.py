@@ -9,9 +9,6 @@ bytes floor (read x bf16, write e4m3 codes; backward: read x and dy, write dx) a
 --grad_split the exact gradient rotation (quant_ops.GRAD_SPLIT) against the bf16 one.
 --kinds block none also times the block-diagonal H_128 rotation and no rotation at all, which says
 how much of a kernel's time the rotation products take (at K = 4608 all three use the same tile).
---saved also times the forward writing the rotated y (bf16) and the per-token statistic, and the
-backward reading them instead of recomputing the rotation (qat.SAVE_ROTATED); floors: + write y,
-and read y and dy, write dx.
 """
 
 import argparse
@@ -44,7 +41,6 @@ def main():
                     help="software-pipelining depth of the token loop (quant_ops.NUM_STAGES, both directions)")
     ap.add_argument("--kinds", nargs="+", default=["kronecker"], choices=["kronecker", "block", "none"],
                     help="rotation of the token (block: block-diagonal H_128)")
-    ap.add_argument("--saved", action="store_true", help="also time the forward saving y and the backward reading it")
     args = ap.parse_args()
     m = args.tokens
     x = torch.empty(m, 8192, device="cuda", dtype=torch.bfloat16)
@@ -80,16 +76,6 @@ def main():
             rows.append(dict(K=k, kind=kind, warps=warps, programs_per_sm=per_sm, reload=reload, split=split, x16=x16, grad_split=gsplit, stages=stages,
                              fwd_us=round(fwd, 1), bwd_us=round(bwd, 1), fwd_floor_us=round(floor_f, 1),
                              bwd_floor_us=round(floor_b, 1)))
-            if args.saved:
-                r = rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, split=split, want_y=True,
-                                    want_stat=True)
-                saved = (r["y"], r["stat"])
-                fwd_y = gbench(lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, split=split,
-                                                       want_y=True, want_stat=True)) * 1e3
-                bwd_y = gbench(lambda: rotate_quantize_backward(None, dy, signs, lay, alpha.reshape(1), 2, True, 1,
-                                                                saved=saved, dx_dtype=x.dtype)) * 1e3
-                rows[-1].update(fwd_saving_y_us=round(fwd_y, 1), bwd_from_y_us=round(bwd_y, 1),
-                                fwd_saving_y_floor_us=round(m * k * 5 / bw * 1e6, 1))
             print(json.dumps(rows[-1]), flush=True)
     quant_ops.NUM_WARPS.clear()
     quant_ops.X16_TILES, quant_ops.GRAD_SPLIT = True, False

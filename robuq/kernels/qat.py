@@ -16,13 +16,9 @@ rotates their sum back once (on DiT-XL/2 this took the step from 1.24x to 1.19x 
 In a DiT block the q/k/v and fc1 launches can also take the residual stream and compute the
 block's adaLN (LayerNorm and modulation) themselves, forward and backward (``norm=``,
 ``robuq.kernels.block``: 1.19x -> 1.05x as a CUDA graph, docs/PERFORMANCE.md section 3.1).
-Saved for backward: the rotated input y in the compute dtype and its per-token statistic
-(``SAVE_ROTATED``; an absmax quantizer, or ``SAVE_ROTATED = False``, saves x instead and the
-backward kernel recomputes the rotation from it), x where the adaLN or the GELU inside the kernels
-needs it (the residual stream, shared with its other consumers), the 16-bit GEMM input, s_t, the
-ternary weight; never the reference's fp32 rotated intermediates. A bf16 y is rounded to whichever
-of its two bf16 neighbours keeps the forward's codes and clamp masks, so the backward's STE masks
-are the forward's and only the LSQ residuals q - y/s see the rounding. Under bf16 autocast an fp32
+Saved for backward: x (shared with every other consumer of the same input), the
+16-bit GEMM input, s_t, the ternary weight; never the reference's fp32 rotated intermediates.
+Backward recomputes the rotation from x inside the backward kernel. Under bf16 autocast an fp32
 input (a LayerNorm output) is rounded to bf16 as the kernel loads it, which is what autocast does
 to any linear's input, and runs the kernels' faster bf16 tile. (Saving int8 codes instead of
 the GEMM input saves 1 byte per element but costs a dequantize pass per layer in backward: on the
@@ -69,14 +65,6 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 # Forward GEMM of bf16-autocast layers on fp8 tensor cores where the GPU has them (see the module
 # docstring); False multiplies the bf16 fake-quant tensors instead (benchmarks compare both).
 FP8_FORWARD = True
-# The forward kernel also writes the rotated input y in the compute dtype and the backward kernel
-# reads it instead of recomputing the rotation from x (static and rms quantizers; see the module
-# docstring). False recomputes (one tensor the size of x less to keep; benchmarks compare both).
-SAVE_ROTATED = True
-# ... for grids up to |q| <= 4 (A1-A3 signed): the bf16 rounding of y moves the LSQ residual
-# q - y/s by up to |y/s| 2^-9, which at A2 changed the step gradients by ~0.3% (A4: ~1.5%, A8:
-# as much as the residual itself), so wider grids recompute y exactly.
-SAVE_ROTATED_MAX_Q = 4
 
 
 def _layout(dim: int, kind: str, block_size: int):
@@ -93,58 +81,49 @@ def _norm(scale: torch.Tensor | None, shift: torch.Tensor | None, ln_eps: float)
 def _rotq_fwd_impl(
     x: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
     bits: int, signed: bool, mode: int, out_dtype: str, want_f8: bool, act: str,
-    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float, want_y: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K], alpha [G, M or 1] -> (q * s_t [G, M, K] out_dtype, q [G, M, K] e4m3 (if want_f8, else
-    empty), s_t [G, M] fp32, rotated y [M, K] out_dtype and stat [M] fp32 (if want_y, else empty)) of
-    act(x) (act "": x itself), or of the adaLN of x (scale, shift [B, K])."""
+    empty), s_t [G, M] fp32) of act(x) (act "": x itself), or of the adaLN of x (scale, shift [B, K])."""
     lay = _layout(x.shape[1], kind, block_size)
     r = rotate_quantize(x, signs, lay, alpha, bits, signed, mode, out="scaled", want_f8=want_f8,
                         out_dtype=_DTYPES[out_dtype], round_to_bf16=out_dtype == "bfloat16", act=act or None,
-                        norm=_norm(scale, shift, ln_eps), want_y=want_y, want_stat=want_y, y_dtype=_DTYPES[out_dtype])
-    none = x.new_empty(0)
-    return (r["out"], r["f8"] if want_f8 else x.new_empty(0, dtype=torch.float8_e4m3fn), r["s"],
-            r["y"] if want_y else none, r["stat"] if want_y else none)
+                        norm=_norm(scale, shift, ln_eps))
+    return r["out"], r["f8"] if want_f8 else x.new_empty(0, dtype=torch.float8_e4m3fn), r["s"]
 
 
 rotq_fwd = torch.library.custom_op("robuq::rotq_fwd", _rotq_fwd_impl, mutates_args=())
 
 
 @rotq_fwd.register_fake
-def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8, act, scale, shift, ln_eps, want_y):
+def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8, act, scale, shift, ln_eps):
     (m, k), g = x.shape, alpha.shape[0]
     f8 = x.new_empty((g, m, k) if want_f8 else (0,), dtype=torch.float8_e4m3fn)
-    y = x.new_empty((m, k) if want_y else (0,), dtype=_DTYPES[out_dtype] if want_y else x.dtype)
-    stat = x.new_empty((m,) if want_y else (0,), dtype=torch.float32 if want_y else x.dtype)
-    return x.new_empty(g, m, k, dtype=_DTYPES[out_dtype]), f8, x.new_empty(g, m, dtype=torch.float32), y, stat
+    return x.new_empty(g, m, k, dtype=_DTYPES[out_dtype]), f8, x.new_empty(g, m, dtype=torch.float32)
 
 
 def _rotq_bwd_impl(
-    x: Optional[torch.Tensor], grad: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str,
-    block_size: int, bits: int, signed: bool, mode: int, out_dtype: str, act: str,
+    x: torch.Tensor, grad: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
+    bits: int, signed: bool, mode: int, out_dtype: str, act: str,
     scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float,
-    y: Optional[torch.Tensor], stat: Optional[torch.Tensor], dx_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad [G, M, K], alpha [G, M or 1] -> (dx [M, K] in dx_dtype, per-token dL/dalpha [G, M] fp32,
-    dL/dscale, dL/dshift [B, K] (empty without the adaLN)). y and stat: the forward's (want_y), read
-    instead of recomputing the rotation from x (x may then be None, without act and adaLN)."""
-    lay = _layout(grad.shape[-1], kind, block_size)
+    """grad [G, M, K], alpha [G, M or 1] -> (dx [M, K] in x's dtype, per-token dL/dalpha [G, M] fp32,
+    dL/dscale, dL/dshift [B, K] (empty without the adaLN))."""
+    lay = _layout(x.shape[1], kind, block_size)
     r = rotate_quantize_backward(x, grad, signs, lay, alpha, bits, signed, mode, round_to_bf16=out_dtype == "bfloat16",
-                                 act=act or None, norm=_norm(scale, shift, ln_eps),
-                                 saved=None if y is None else (y, stat), dx_dtype=_DTYPES[dx_dtype])
-    return r if scale is not None else (*r, grad.new_empty(0), grad.new_empty(0))
+                                 act=act or None, norm=_norm(scale, shift, ln_eps))
+    return r if scale is not None else (*r, x.new_empty(0), x.new_empty(0))
 
 
 rotq_bwd = torch.library.custom_op("robuq::rotq_bwd", _rotq_bwd_impl, mutates_args=())
 
 
 @rotq_bwd.register_fake
-def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, act, scale, shift, ln_eps, y, stat,
-      dx_dtype):
-    (g, m, k), dt = grad.shape, _DTYPES[dx_dtype]
-    dn, dsd = ((0,), dt) if scale is None else (scale.shape, scale.dtype)
-    return (grad.new_empty(m, k, dtype=dt), grad.new_empty(g, m, dtype=torch.float32),
-            grad.new_empty(dn, dtype=dsd), grad.new_empty(dn, dtype=dsd))
+def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, act, scale, shift, ln_eps):
+    dn = (0,) if scale is None else scale.shape
+    dt = x.dtype if scale is None else scale.dtype
+    return (torch.empty_like(x), x.new_empty(grad.shape[0], x.shape[0], dtype=torch.float32),
+            x.new_empty(dn, dtype=dt), x.new_empty(dn, dtype=dt))
 
 
 # ---- the autograd function -------------------------------------------------------------------
@@ -177,49 +156,44 @@ class FusedQuantLinearFn(torch.autograd.Function):
         # call); under torch.compile the registered op keeps the kernel opaque to the tracer
         fwd = torch.ops.robuq.rotq_fwd if torch.compiler.is_compiling() else _rotq_fwd_impl
         fp8 = w8[0] is not None
-        save_y = SAVE_ROTATED and mode != mode_id("dynamic", "absmax") and max(qrange(bits, signed)) <= SAVE_ROTATED_MAX_Q
-        out, q8, s, y, stat = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), fp8,
-                                  act, scale, shift, ln_eps, save_y)
+        out, q8, s = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), fp8, act,
+                         scale, shift, ln_eps)
         ys = []
         for i in range(n):
             b = None if biases[i] is None else biases[i].to(cdt)
             ys.append(scaled_mm_rowwise(q8[i], w8[i], s[i], w_scale[i], b, out_dtype=cdt) if fp8
                       else F.linear(out[i], wq[i], b))
-        keep_x = not save_y or act or scale is not None  # the GELU's and the adaLN's backward read x
-        ctx.save_for_backward(x2 if keep_x else None, y if save_y else None, stat if save_y else None, out, alpha_t,
-                              group_of_token, signs, scale, shift, *wq, *params[2 * n:])
+        ctx.save_for_backward(x2, out, alpha_t, group_of_token, signs, scale, shift, *wq, *params[2 * n:])
         ctx.spec = spec
-        ctx.x_dtype = _dtype_name(x2.dtype)
         ctx.bias_dtypes = [None if bi is None else bi.dtype for bi in biases]
         ctx.weight_dtypes = [w.dtype for w in weights]
         return tuple(ys)
 
     @staticmethod
     def backward(ctx, *dys):
-        x2, y, stat, out, alpha_t, group_of_token, signs, scale, shift, *rest = ctx.saved_tensors
+        x2, out, alpha_t, group_of_token, signs, scale, shift, *rest = ctx.saved_tensors
         kind, block_size, bits, signed, mode, groups, cdt, act, ln_eps = ctx.spec
         n = len(dys)
         wq, steps = rest[:n], rest[n:]
-        m = out.shape[1]
-        dys = [torch.zeros(m, w.shape[0], device=out.device, dtype=cdt) if dy is None else dy.to(cdt)
+        dys = [torch.zeros(x2.shape[0], w.shape[0], device=x2.device, dtype=cdt) if dy is None else dy.to(cdt)
                for dy, w in zip(dys, wq)]
         if n == 1:
             dout = (dys[0] @ wq[0]).unsqueeze(0)
         elif torch.compiler.is_compiling():
             dout = torch.stack([dy @ w for dy, w in zip(dys, wq)])
         else:  # straight into the [G, M, K] input of the backward kernel
-            dout = out.new_empty(out.shape)
+            dout = x2.new_empty(n, *x2.shape, dtype=cdt)
             for i in range(n):
                 torch.mm(dys[i], wq[i], out=dout[i])
         dws = [(dy.t() @ out[i]).to(wdt) for i, (dy, wdt) in enumerate(zip(dys, ctx.weight_dtypes))]
         dbs = [None if bdt is None else dy.sum(0).to(bdt) for dy, bdt in zip(dys, ctx.bias_dtypes)]
         bwd = torch.ops.robuq.rotq_bwd if torch.compiler.is_compiling() else _rotq_bwd_impl
         dx, ga, dscale, dshift = bwd(x2, dout, signs, alpha_t, kind, block_size, bits, signed, mode,
-                                     _dtype_name(cdt), act, scale, shift, ln_eps, y, stat, ctx.x_dtype)
+                                     _dtype_name(cdt), act, scale, shift, ln_eps)
         if scale is None:
             dscale = dshift = None
         _, qp = qrange(bits, signed)
-        g = 1.0 / math.sqrt(out[0].numel() / groups * max(qp, 1))
+        g = 1.0 / math.sqrt(x2.numel() / groups * max(qp, 1))
         if groups > 1:
             dalpha = torch.zeros(n, groups, device=ga.device, dtype=torch.float32).index_add_(1, group_of_token, ga)
         else:

@@ -127,8 +127,6 @@ def rotate_quantize(
     out: str | None = None,  # None | "scaled" (q * s_t) | "codes" (q)
     out_dtype: torch.dtype = torch.bfloat16,
     want_stat: bool = False,
-    want_y: bool = False,
-    y_dtype: torch.dtype = torch.bfloat16,
     split: bool = True,
     round_to_bf16: bool = False,
     act: str | None = None,
@@ -141,17 +139,11 @@ def rotate_quantize(
 
     ``round_to_bf16``: round an fp32 x to bf16 as it is loaded (what bf16 autocast does to a
     linear's input), which runs the faster bf16 tile. Returns a dict with 's' [G, M] fp32 and, as
-    asked, 'i8' / 'f8' / 'out' [G, M, K] and 'stat' [M] (max(stat, eps)). ``want_y``: also 'y' [M, K]
-    in ``y_dtype``, the rotated input before quantization (with 'stat', what
-    ``rotate_quantize_backward(saved=...)`` reads instead of recomputing the rotation); a bf16 y is
-    rounded to the neighbour that keeps every quantizer's codes and clamp masks (not for absmax).
+    asked, 'i8' / 'f8' / 'out' [G, M, K] and 'stat' [M].
     """
     if x.dim() != 2 or x.shape[1] != lay.dim:
         raise ValueError(f"rotate_quantize expects [M, {lay.dim}], got {tuple(x.shape)}")
     x = x.contiguous()
-    if want_y and mode == MODE_IDS["absmax"]:
-        raise ValueError("rotate_quantize: want_y serves static and rms quantizers; an absmax backward "
-                         "recomputes the rotation (its max needs the exact y)")
     m, k = x.shape
     g = alpha.shape[0]
     alpha = alpha.float().contiguous()
@@ -163,18 +155,17 @@ def rotate_quantize(
     f8 = torch.empty(g, m, k, device=dev, dtype=torch.float8_e4m3fn) if want_f8 else dummy
     o = torch.empty(g, m, k, device=dev, dtype=out_dtype) if out else dummy
     st = torch.empty(m, device=dev, dtype=torch.float32) if want_stat else dummy
-    yo = torch.empty(m, k, device=dev, dtype=y_dtype) if want_y else dummy
     if m:
         tdt = _tile_dtype(x, round_to_bf16)
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, dev, _factor_dtype())
         grid = _grid(m, dev, lay)
         tq.rotq_fwd_kernel[grid](
-            x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st, scale, shift, yo,
+            x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st, scale, shift,
             m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
             per_sample, stride_mod, NORM=norm is not None, LN_EPS=ln_eps,
             G=g, RELOAD=_reload(lay, backward=False), STAGES=_stages(lay, tdt, backward=False),
             W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
-            W_Y=want_y, Y_BF16=want_y and y_dtype == torch.bfloat16, num_warps=_warps(lay), **_common(lay, bits, signed, mode, tdt, split, act),
+            num_warps=_warps(lay), **_common(lay, bits, signed, mode, tdt, split, act),
         )
     if want_i8:
         res["i8"] = i8
@@ -184,8 +175,6 @@ def rotate_quantize(
         res["out"] = o
     if want_stat:
         res["stat"] = st
-    if want_y:
-        res["y"] = yo
     return res
 
 
@@ -206,7 +195,7 @@ def _norm_args(norm, x: torch.Tensor, act: str | None, dummy: torch.Tensor, call
 
 
 def rotate_quantize_backward(
-    x: torch.Tensor | None,
+    x: torch.Tensor,
     grad: torch.Tensor,
     signs: torch.Tensor,
     lay: RotationLayout,
@@ -218,8 +207,6 @@ def rotate_quantize_backward(
     round_to_bf16: bool = False,
     act: str | None = None,
     norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-    saved: tuple[torch.Tensor, torch.Tensor] | None = None,
-    dx_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(dx [M, K] in x's dtype, ga = per-token dL/dalpha) for the LSQ straight-through gradient.
 
@@ -230,54 +217,39 @@ def rotate_quantize_backward(
     with ``act``, dx is the gradient with respect to the pre-activation x. With ``norm`` (the
     forward's adaLN, see ``rotate_quantize``) dx is the residual stream's gradient and two more
     results follow: dL/dscale and dL/dshift [B, K] in scale's dtype.
-
-    ``saved = (y, stat)`` (``rotate_quantize(want_y=True, want_stat=True)`` of the same call): read the
-    rotated input instead of recomputing it. x is then needed only for ``act`` or ``norm`` and may
-    be None otherwise, with ``dx_dtype`` saying dx's dtype.
     """
     grouped = grad.dim() == 3
-    ref = x if x is not None else (saved[0] if saved is not None else None)
-    if ref is None or (x is None and (act is not None or norm is not None or dx_dtype is None)):
-        raise ValueError("rotate_quantize_backward: x is needed unless saved=(y, stat) is given, without act "
-                         "or norm, and with dx_dtype")
-    if ref.dim() != 2 or ref.shape[1] != lay.dim or grad.shape[grouped:] != ref.shape or (
-            grouped and alpha.shape[0] != grad.shape[0]) or (saved is not None and (
-            (x is not None and saved[0].shape != x.shape) or saved[1].shape != ref.shape[:1])):
+    if x.dim() != 2 or x.shape[1] != lay.dim or grad.shape[grouped:] != x.shape or (
+            grouped and alpha.shape[0] != grad.shape[0]):
         raise ValueError(f"rotate_quantize_backward expects x [M, {lay.dim}] and grad [M, {lay.dim}] or "
-                         f"[G, M, {lay.dim}] with alpha [G, M or 1] (and saved y [M, {lay.dim}], stat [M]), got "
-                         f"{None if x is None else tuple(x.shape)}, {tuple(grad.shape)}, {tuple(alpha.shape)} and "
-                         f"saved {None if saved is None else tuple(tuple(v.shape) for v in saved)}")
-    if saved is not None and mode == MODE_IDS["absmax"]:
-        raise ValueError("rotate_quantize_backward: saved=(y, stat) serves static and rms quantizers, not absmax")
-    x = x.contiguous() if x is not None else None
+                         f"[G, M, {lay.dim}] with alpha [G, M or 1], got {tuple(x.shape)}, {tuple(grad.shape)} "
+                         f"and {tuple(alpha.shape)}")
+    x = x.contiguous()
     grad = grad.contiguous()
-    m, k = ref.shape
+    m, k = x.shape
     alpha = alpha.float().reshape(grad.shape[0] if grouped else 1, -1).contiguous()
     g = alpha.shape[0]
-    dx = torch.empty(m, k, device=grad.device, dtype=dx_dtype or x.dtype)
-    dev = grad.device
-    ga = torch.empty(g, m, device=dev, dtype=torch.float32)
-    scale, shift, ln_eps, per_sample, stride_mod = _norm_args(norm, ref, act, ga, "rotate_quantize_backward")
-    grid = _grid(m, dev, lay)
+    dx = torch.empty_like(x)
+    ga = torch.empty(g, m, device=x.device, dtype=torch.float32)
+    scale, shift, ln_eps, per_sample, stride_mod = _norm_args(norm, x, act, ga, "rotate_quantize_backward")
+    grid = _grid(m, x.device, lay)
     n_iter, chunks = triton_cdiv(m, grid[0]), 1
     if norm is not None:  # programs in runs of one sample's tokens; partial scale/shift gradients
         b = m // per_sample
         chunks = max(1, min(per_sample, grid[0] // b))
         grid, n_iter = (b * chunks,), triton_cdiv(per_sample, chunks)
-        dscale = torch.empty(chunks, b, k, device=dev, dtype=torch.float32)
+        dscale = torch.empty(chunks, b, k, device=x.device, dtype=torch.float32)
         dshift = torch.empty_like(dscale)
     else:
         dscale = dshift = ga
-    y, stat = (v.contiguous() for v in saved) if saved is not None else (ga, ga)
     if m:
-        tdt = _tile_dtype(x if x is not None else y, round_to_bf16)
-        f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, dev, _factor_dtype())
-        xk = x if x is not None else y  # (unread without act or norm)
+        tdt = _tile_dtype(x, round_to_bf16)
+        f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, x.device, _factor_dtype())
         tq.rotq_bwd_kernel[grid](
-            xk, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
-            scale, shift, dscale, dshift, y, stat, m, n_iter, xk.stride(0), grad.stride(-2), alpha.stride(0),
+            x, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
+            scale, shift, dscale, dshift, m, n_iter, x.stride(0), grad.stride(-2), alpha.stride(0),
             1 if alpha.shape[1] > 1 else 0, m * k, per_sample, stride_mod, chunks, G=g, NORM=norm is not None,
-            FROM_Y=saved is not None, LN_EPS=ln_eps, num_warps=_warps(lay), RELOAD=_reload(lay, backward=True),
+            LN_EPS=ln_eps, num_warps=_warps(lay), RELOAD=_reload(lay, backward=True),
             STAGES=_stages(lay, tdt, backward=True), GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16,
             **_common(lay, bits, signed, mode, tdt, split, act),
         )

@@ -31,12 +31,9 @@ Several quantizers that share one input and one rotation (q/k/v projections) are
 launch: ``G`` alpha rows give ``G`` code tensors from a single read and rotation of x; the backward
 takes their ``G`` gradients, sums them in the rotated basis and rotates back once.
 
-The backward kernel takes y either from x, recomputing the rotation exactly as the forward did, or
-(``FROM_Y``) as the forward saved it (``W_Y``) with the per-token statistic. A bf16 y is the one of
-y's two bf16 neighbours (the nearest unless it crosses a rounding or clamp boundary of some
-quantizer) whose codes and clamp masks are the forward's, so either way the backward's masks and
-codes are the forward's; only the LSQ residuals q - y/s see y's bf16 rounding. It then applies the
-LSQ straight-through gradient and rotates the gradient back; ``GSPLIT=False`` rounds the gradient to bf16 before each product of that last rotation (a
+The backward kernel recomputes the rotation from x exactly as the forward did (so the clamp masks
+and codes are the forward's), applies the LSQ straight-through gradient, and rotates the gradient
+back; ``GSPLIT=False`` rounds the gradient to bf16 before each product of that last rotation (a
 bf16 gradient, like any bf16 matmul's backward, at half the tensor-core work):
 
     gs_t   = sum_i G_i (q_i - m_i v_i)                         (dL/ds_t)
@@ -202,21 +199,6 @@ def _quantize(v, QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr):
 
 
 @triton.jit
-def _in_range(v, QN: tl.constexpr, QP: tl.constexpr):
-    return (v >= -QN) & (v <= QP)
-
-
-@triton.jit
-def _bf16_neighbours(y):
-    """(y rounded to the nearest bf16, y's other bf16 neighbour), both as fp32 (y lies between them)."""
-    yb = y.to(tl.bfloat16).to(tl.float32)
-    hi = (y.to(tl.uint32, bitcast=True) >> 16) << 16  # rounded toward zero
-    rtz = hi.to(tl.float32, bitcast=True)
-    away = (hi + 65536).to(tl.float32, bitcast=True)
-    return yb, tl.where(yb == rtz, away, rtz)
-
-
-@triton.jit
 def _token_tile(ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr):
     """(offs [MP, P] of a token's elements, mask of its ROWS real rows, offsets of the left
     factor [MP, MP] and of the right factor [P, P])."""
@@ -242,7 +224,7 @@ def _token_of(pid, it, nprog, M):
 
 @triton.jit
 def rotq_fwd_kernel(
-    X, SIGNS, LEFT, RIGHT, ALPHA, CODES_I8, CODES_F8, OUT, S, STAT, SCALE, SHIFT, Y,
+    X, SIGNS, LEFT, RIGHT, ALPHA, CODES_I8, CODES_F8, OUT, S, STAT, SCALE, SHIFT,
     M, n_iter, stride_x, alpha_sg, alpha_st, codes_sg, s_sg, tokens_per_sample, stride_mod,
     ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
     QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr,
@@ -251,7 +233,7 @@ def rotq_fwd_kernel(
     SQRT_N: tl.constexpr, EPS: tl.constexpr,
     W_I8: tl.constexpr, W_F8: tl.constexpr, W_OUT: tl.constexpr, OUT_SCALED: tl.constexpr, W_STAT: tl.constexpr,
     RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr, ACT: tl.constexpr,
-    NORM: tl.constexpr, LN_EPS: tl.constexpr, W_Y: tl.constexpr, Y_BF16: tl.constexpr,
+    NORM: tl.constexpr, LN_EPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -275,16 +257,9 @@ def rotq_fwd_kernel(
         st = tl.maximum(st, EPS)
         if W_STAT:
             tl.store(STAT + t, st, mask=ok)
-        if W_Y and Y_BF16:  # the saved bf16 y must give every quantizer the forward's codes and masks
-            yb, y_alt = _bf16_neighbours(y)
-            off_cell = tl.zeros([MP, P], tl.int32)
         for g in tl.static_range(G):
             alpha, s = _token_step(ALPHA + g * alpha_sg + t * alpha_st, st, MODE)
             q = _quantize(y / s, QN, QP, SIGN1)
-            if W_Y and Y_BF16:
-                vb = yb / s
-                moved = (_quantize(vb, QN, QP, SIGN1) != q) | (_in_range(vb, QN, QP) != _in_range(y / s, QN, QP))
-                off_cell += moved.to(tl.int32)
             base = g * codes_sg + t * K + offs
             if W_I8:
                 tl.store(CODES_I8 + base, q.to(tl.int8), mask=mtok)
@@ -296,24 +271,20 @@ def rotq_fwd_kernel(
                 else:
                     tl.store(OUT + base, q.to(OUT.dtype.element_ty), mask=mtok)
             tl.store(S + g * s_sg + t, s, mask=ok)
-        if W_Y:
-            if Y_BF16:  # (both neighbours are off-cell only if two steps' boundaries lie within one ulp)
-                y = tl.where(off_cell > 0, y_alt, yb)
-            tl.store(Y + t * K + offs, y.to(Y.dtype.element_ty), mask=mtok)
 
 
 # n_iter is not specialised: on the H100 the K = 1152 backward compiled for n_iter == 1 (as many
 # programs as tokens) faulted with an illegal memory access (benchmarks/bwd_diag.py, docs/PERFORMANCE.md).
 @triton.jit(do_not_specialize=["n_iter"])
 def rotq_bwd_kernel(
-    X, GRAD, SIGNS, LEFT, RIGHT, LEFT_T, ALPHA, DX, GA, SCALE, SHIFT, DSCALE, DSHIFT, Y, STAT,
+    X, GRAD, SIGNS, LEFT, RIGHT, LEFT_T, ALPHA, DX, GA, SCALE, SHIFT, DSCALE, DSHIFT,
     M, n_iter, stride_x, stride_g, alpha_sg, alpha_st, grad_sg, tokens_per_sample, stride_mod, chunks,
     ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
     QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr,
     ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr,
-    GSPLIT: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr, FROM_Y: tl.constexpr,
+    GSPLIT: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr,
 ):
     # B (Sylvester) is symmetric, so the transposed rotation is A dy B: no B^T needed.
     # NORM: program pid takes a contiguous run of the tokens of sample pid // chunks, so it sums its
@@ -341,19 +312,12 @@ def rotq_bwd_kernel(
             L, R = _load_factors(LEFT, RIGHT, l_offs, r_offs)
             LT = tl.load(LEFT_T + l_offs)
         mod = sample * stride_mod + offs
-        if FROM_Y:  # the forward's y and statistic (max(stat, eps): "stat > eps" reads the same)
-            y = tl.load(Y + t * K + offs, mask=mtok, other=0.0).to(tl.float32)
-            if MODE == 1:
-                st_raw = tl.load(STAT + t)
-            else:
-                st_raw = tl.full((), 1.0, tl.float32)
+        if NORM:
+            x = _modulated_token(X + t * stride_x + offs, mtok, SCALE + mod, SHIFT + mod, sg, K, LN_EPS, X16)
         else:
-            if NORM:
-                x = _modulated_token(X + t * stride_x + offs, mtok, SCALE + mod, SHIFT + mod, sg, K, LN_EPS, X16)
-            else:
-                x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
-            y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
-            st_raw = _stat(y, MODE, K, EPS)
+            x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
+        y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
+        st_raw = _stat(y, MODE, K, EPS)
         st = tl.maximum(st_raw, EPS)
         if MODE == 2:
             hit = (tl.abs(y) == st_raw) & mask
@@ -362,7 +326,7 @@ def rotq_bwd_kernel(
         for g in tl.static_range(G):
             alpha, s = _token_step(ALPHA + g * alpha_sg + t * alpha_st, st, MODE)
             v = y / s
-            inr = _in_range(v, QN, QP) & mask
+            inr = (v >= -QN) & (v <= QP) & mask
             q = _quantize(v, QN, QP, SIGN1)
             gr = tl.load(GRAD + g * grad_sg + t * stride_g + offs, mask=mtok, other=0.0).to(tl.float32)
             gs = tl.sum(tl.sum(gr * (q - tl.where(inr, v, 0.0)), axis=1), axis=0)
