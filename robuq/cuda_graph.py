@@ -28,8 +28,8 @@ def autocast_without_cache(device_type: str = "cuda"):
     Besides capture, this changes one rounding: a weight used twice in a step (DiT's final layer
     reuses block 0's timestep embedder) gets a bf16 copy per use, whose gradients are summed in
     fp32, where the cache's shared copy sums them in bf16. ``DiTModule`` runs its eager steps this
-    way too. On the reference path eager and replayed steps then agree bit for bit (GPU test); the
-    fused path still differs in the last bits from the third step on (docs/PERFORMANCE.md 3.2)."""
+    way too. Eager and replayed steps then agree bit for bit, on the reference and on the fused
+    path (GPU test; docs/PERFORMANCE.md 3.2)."""
     with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
                         enabled=torch.is_autocast_enabled(device_type), cache_enabled=False):
         yield

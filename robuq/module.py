@@ -216,7 +216,7 @@ class DiTModule(L.LightningModule):
         if losses is not None:  # checked and logged on the GPU and one step later: the host never waits
             self._step_losses = losses
             return losses["loss"]
-        with autocast_without_cache(self.device.type):  # as the replayed step runs (reference path: bit for bit)
+        with autocast_without_cache(self.device.type):  # as the replayed step runs: bit for bit the same (GPU test)
             losses = self._losses(x0, xt, t, y, noise)
         loss = losses["loss"]
         bad = not bool(torch.isfinite(loss))

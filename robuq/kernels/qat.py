@@ -186,7 +186,9 @@ class FusedQuantLinearFn(torch.autograd.Function):
             for i in range(n):
                 torch.mm(dys[i], wq[i], out=dout[i])
         dws = [(dy.t() @ out[i]).to(wdt) for i, (dy, wdt) in enumerate(zip(dys, ctx.weight_dtypes))]
-        dbs = [None if bdt is None else dy.sum(0).to(bdt) for dy, bdt in zip(dys, ctx.bias_dtypes)]
+        # summed in fp32: a bf16-output sum gave eager and CUDA-graph-replayed steps different bias
+        # gradients (P50, not traced further); in fp32 the two agree bit for bit
+        dbs = [None if bdt is None else dy.sum(0, dtype=torch.float32).to(bdt) for dy, bdt in zip(dys, ctx.bias_dtypes)]
         bwd = torch.ops.robuq.rotq_bwd if torch.compiler.is_compiling() else _rotq_bwd_impl
         dx, ga, dscale, dshift = bwd(x2, dout, signs, alpha_t, kind, block_size, bits, signed, mode,
                                      _dtype_name(cdt), act, scale, shift, ln_eps)
