@@ -4,20 +4,23 @@ saved tensors.
 
     y = Q(rotate(x)) @ T(W')^T + b  =  s_t * s_w * (q @ t^T) + b      (q, t integers)
 
-Forward: the kernel reads x once and writes ``q * s_t`` in the compute dtype (kept for the weight
-gradient, as a plain bf16 linear keeps its input) and the per-token step s_t. On fp8 GPUs (sm_89+,
-``FP8_FORWARD``) it also writes the codes q in e4m3 and the forward GEMM runs on fp8 tensor cores:
-codes |q| <= 16 and ternary t are exact in e4m3 and accumulate in fp32, so the product is the exact
-integer one, scaled per token and per channel (and biased) in cuBLAS's epilogue; elsewhere the
-forward multiplies the 16-bit fake-quant tensors. Layers that read the same input through the same
+Forward: the kernel reads x once and writes the per-token step s_t and, on fp8 GPUs (sm_89+,
+``FP8_FORWARD``), the codes q in e4m3; the forward GEMM runs on fp8 tensor cores: codes |q| <= 16
+and ternary t are exact in e4m3 and accumulate in fp32, so the product is the exact integer one,
+scaled per token and per channel (and biased) in cuBLAS's epilogue. The weight gradient's input
+``q * s_t`` (compute dtype) is then written by the backward kernel, which recomputes q anyway
+(``GEMM_INPUT_IN_BACKWARD``), so it is not kept from forward to backward. Elsewhere the forward
+kernel writes ``q * s_t``, the forward multiplies it, and it is saved for the weight gradient, as
+a plain bf16 linear saves its input. Layers that read the same input through the same
 rotation (q, k, v of an attention) run as one group: one kernel launch rotates x once and
 quantizes it with each layer's own LSQ step; the backward kernel takes their three gradients and
 rotates their sum back once (on DiT-XL/2 this took the step from 1.24x to 1.19x a bf16 step).
 In a DiT block the q/k/v and fc1 launches can also take the residual stream and compute the
 block's adaLN (LayerNorm and modulation) themselves, forward and backward (``norm=``,
 ``robuq.kernels.block``: 1.19x -> 1.05x as a CUDA graph, docs/PERFORMANCE.md section 3.1).
-Saved for backward: x (shared with every other consumer of the same input), the
-16-bit GEMM input, s_t, the ternary weight; never the reference's fp32 rotated intermediates.
+Saved for backward: x (shared with every other consumer of the same input), s_t, the ternary
+weight (and the 16-bit GEMM input off the fp8 path); never the reference's fp32 rotated
+intermediates.
 Backward recomputes the rotation from x inside the backward kernel. Under bf16 autocast an fp32
 input (a LayerNorm output) is rounded to bf16 as the kernel loads it, which is what autocast does
 to any linear's input, and runs the kernels' faster bf16 tile. (Saving int8 codes instead of
@@ -65,6 +68,11 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 # Forward GEMM of bf16-autocast layers on fp8 tensor cores where the GPU has them (see the module
 # docstring); False multiplies the bf16 fake-quant tensors instead (benchmarks compare both).
 FP8_FORWARD = True
+# With the fp8 forward GEMM, the forward kernel writes only the e4m3 codes and the backward kernel,
+# which recomputes the codes anyway, writes the weight gradient's input q * s_t (the same bits):
+# nothing of size [G, M, K] is kept between forward and backward. False: the forward writes and
+# saves q * s_t (benchmarks compare both).
+GEMM_INPUT_IN_BACKWARD = True
 
 
 def _layout(dim: int, kind: str, block_size: int):
@@ -81,49 +89,57 @@ def _norm(scale: torch.Tensor | None, shift: torch.Tensor | None, ln_eps: float)
 def _rotq_fwd_impl(
     x: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
     bits: int, signed: bool, mode: int, out_dtype: str, want_f8: bool, act: str,
-    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float,
+    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float, want_out: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K], alpha [G, M or 1] -> (q * s_t [G, M, K] out_dtype, q [G, M, K] e4m3 (if want_f8, else
-    empty), s_t [G, M] fp32) of act(x) (act "": x itself), or of the adaLN of x (scale, shift [B, K])."""
+    """x [M, K], alpha [G, M or 1] -> (q * s_t [G, M, K] out_dtype (if want_out, else empty), q [G, M, K]
+    e4m3 (if want_f8, else empty), s_t [G, M] fp32) of act(x) (act "": x itself), or of the adaLN of x
+    (scale, shift [B, K])."""
     lay = _layout(x.shape[1], kind, block_size)
-    r = rotate_quantize(x, signs, lay, alpha, bits, signed, mode, out="scaled", want_f8=want_f8,
+    r = rotate_quantize(x, signs, lay, alpha, bits, signed, mode, out="scaled" if want_out else None, want_f8=want_f8,
                         out_dtype=_DTYPES[out_dtype], round_to_bf16=out_dtype == "bfloat16", act=act or None,
                         norm=_norm(scale, shift, ln_eps))
-    return r["out"], r["f8"] if want_f8 else x.new_empty(0, dtype=torch.float8_e4m3fn), r["s"]
+    return (r["out"] if want_out else x.new_empty(0, dtype=_DTYPES[out_dtype]),
+            r["f8"] if want_f8 else x.new_empty(0, dtype=torch.float8_e4m3fn), r["s"])
 
 
 rotq_fwd = torch.library.custom_op("robuq::rotq_fwd", _rotq_fwd_impl, mutates_args=())
 
 
 @rotq_fwd.register_fake
-def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8, act, scale, shift, ln_eps):
+def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8, act, scale, shift, ln_eps, want_out):
     (m, k), g = x.shape, alpha.shape[0]
     f8 = x.new_empty((g, m, k) if want_f8 else (0,), dtype=torch.float8_e4m3fn)
-    return x.new_empty(g, m, k, dtype=_DTYPES[out_dtype]), f8, x.new_empty(g, m, dtype=torch.float32)
+    out = x.new_empty((g, m, k) if want_out else (0,), dtype=_DTYPES[out_dtype])
+    return out, f8, x.new_empty(g, m, dtype=torch.float32)
 
 
 def _rotq_bwd_impl(
     x: torch.Tensor, grad: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
     bits: int, signed: bool, mode: int, out_dtype: str, act: str,
-    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float, want_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """grad [G, M, K], alpha [G, M or 1] -> (dx [M, K] in x's dtype, per-token dL/dalpha [G, M] fp32,
-    dL/dscale, dL/dshift [B, K] (empty without the adaLN))."""
+    dL/dscale, dL/dshift [B, K] (empty without the adaLN), the forward's q * s_t [G, M, K] out_dtype
+    (if want_out, else empty))."""
     lay = _layout(x.shape[1], kind, block_size)
+    dt = _DTYPES[out_dtype]
     r = rotate_quantize_backward(x, grad, signs, lay, alpha, bits, signed, mode, round_to_bf16=out_dtype == "bfloat16",
-                                 act=act or None, norm=_norm(scale, shift, ln_eps))
-    return r if scale is not None else (*r, x.new_empty(0), x.new_empty(0))
+                                 act=act or None, norm=_norm(scale, shift, ln_eps), out_dtype=dt if want_out else None)
+    if scale is None:
+        r = (*r[:2], x.new_empty(0), x.new_empty(0), *r[2:])
+    return r if want_out else (*r, x.new_empty(0, dtype=dt))
 
 
 rotq_bwd = torch.library.custom_op("robuq::rotq_bwd", _rotq_bwd_impl, mutates_args=())
 
 
 @rotq_bwd.register_fake
-def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, act, scale, shift, ln_eps):
+def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, act, scale, shift, ln_eps, want_out):
     dn = (0,) if scale is None else scale.shape
     dt = x.dtype if scale is None else scale.dtype
+    out = x.new_empty(grad.shape if want_out else (0,), dtype=_DTYPES[out_dtype])
     return (torch.empty_like(x), x.new_empty(grad.shape[0], x.shape[0], dtype=torch.float32),
-            x.new_empty(dn, dtype=dt), x.new_empty(dn, dtype=dt))
+            x.new_empty(dn, dtype=dt), x.new_empty(dn, dtype=dt), out)
 
 
 # ---- the autograd function -------------------------------------------------------------------
@@ -156,14 +172,16 @@ class FusedQuantLinearFn(torch.autograd.Function):
         # call); under torch.compile the registered op keeps the kernel opaque to the tracer
         fwd = torch.ops.robuq.rotq_fwd if torch.compiler.is_compiling() else _rotq_fwd_impl
         fp8 = w8[0] is not None
+        keep_out = not (fp8 and GEMM_INPUT_IN_BACKWARD)  # the bf16 forward GEMM reads it now
         out, q8, s = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), fp8, act,
-                         scale, shift, ln_eps)
+                         scale, shift, ln_eps, keep_out)
         ys = []
         for i in range(n):
             b = None if biases[i] is None else biases[i].to(cdt)
             ys.append(scaled_mm_rowwise(q8[i], w8[i], s[i], w_scale[i], b, out_dtype=cdt) if fp8
                       else F.linear(out[i], wq[i], b))
-        ctx.save_for_backward(x2, out, alpha_t, group_of_token, signs, scale, shift, *wq, *params[2 * n:])
+        ctx.save_for_backward(x2, out if keep_out else None, alpha_t, group_of_token, signs, scale, shift, *wq,
+                              *params[2 * n:])
         ctx.spec = spec
         ctx.bias_dtypes = [None if bi is None else bi.dtype for bi in biases]
         ctx.weight_dtypes = [w.dtype for w in weights]
@@ -185,13 +203,14 @@ class FusedQuantLinearFn(torch.autograd.Function):
             dout = x2.new_empty(n, *x2.shape, dtype=cdt)
             for i in range(n):
                 torch.mm(dys[i], wq[i], out=dout[i])
+        bwd = torch.ops.robuq.rotq_bwd if torch.compiler.is_compiling() else _rotq_bwd_impl
+        dx, ga, dscale, dshift, out_again = bwd(x2, dout, signs, alpha_t, kind, block_size, bits, signed, mode,
+                                                _dtype_name(cdt), act, scale, shift, ln_eps, out is None)
+        out = out_again if out is None else out
         dws = [(dy.t() @ out[i]).to(wdt) for i, (dy, wdt) in enumerate(zip(dys, ctx.weight_dtypes))]
         # summed in fp32: a bf16-output sum gave eager and CUDA-graph-replayed steps different bias
         # gradients (P50, not traced further); in fp32 the two agree bit for bit
         dbs = [None if bdt is None else dy.sum(0, dtype=torch.float32).to(bdt) for dy, bdt in zip(dys, ctx.bias_dtypes)]
-        bwd = torch.ops.robuq.rotq_bwd if torch.compiler.is_compiling() else _rotq_bwd_impl
-        dx, ga, dscale, dshift = bwd(x2, dout, signs, alpha_t, kind, block_size, bits, signed, mode,
-                                     _dtype_name(cdt), act, scale, shift, ln_eps)
         if scale is None:
             dscale = dshift = None
         _, qp = qrange(bits, signed)

@@ -207,6 +207,7 @@ def rotate_quantize_backward(
     round_to_bf16: bool = False,
     act: str | None = None,
     norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(dx [M, K] in x's dtype, ga = per-token dL/dalpha) for the LSQ straight-through gradient.
 
@@ -216,7 +217,8 @@ def rotate_quantize_backward(
     ``round_to_bf16`` and ``act`` must be what the forward used (the rotation is recomputed from x);
     with ``act``, dx is the gradient with respect to the pre-activation x. With ``norm`` (the
     forward's adaLN, see ``rotate_quantize``) dx is the residual stream's gradient and two more
-    results follow: dL/dscale and dL/dshift [B, K] in scale's dtype.
+    results follow: dL/dscale and dL/dshift [B, K] in scale's dtype. With ``out_dtype``, a last result
+    follows: the forward's ``q * s_t`` [G, M, K] (``rotate_quantize(out="scaled")``) in that dtype.
     """
     grouped = grad.dim() == 3
     if x.dim() != 2 or x.shape[1] != lay.dim or grad.shape[grouped:] != x.shape or (
@@ -242,20 +244,24 @@ def rotate_quantize_backward(
         dshift = torch.empty_like(dscale)
     else:
         dscale = dshift = ga
+    o = torch.empty(g, m, k, device=x.device, dtype=out_dtype) if out_dtype is not None else ga
     if m:
         tdt = _tile_dtype(x, round_to_bf16)
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, x.device, _factor_dtype())
         tq.rotq_bwd_kernel[grid](
             x, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
-            scale, shift, dscale, dshift, m, n_iter, x.stride(0), grad.stride(-2), alpha.stride(0),
+            scale, shift, dscale, dshift, o, m, n_iter, x.stride(0), grad.stride(-2), alpha.stride(0),
             1 if alpha.shape[1] > 1 else 0, m * k, per_sample, stride_mod, chunks, G=g, NORM=norm is not None,
-            LN_EPS=ln_eps, num_warps=_warps(lay), RELOAD=_reload(lay, backward=True),
+            LN_EPS=ln_eps, W_OUT=out_dtype is not None, num_warps=_warps(lay), RELOAD=_reload(lay, backward=True),
             STAGES=_stages(lay, tdt, backward=True), GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16,
             **_common(lay, bits, signed, mode, tdt, split, act),
         )
     ga = ga if grouped else ga[0]
-    if norm is None:
-        return dx, ga
-    if not m:
-        dscale.zero_(), dshift.zero_()
-    return dx, ga, dscale.sum(0).to(norm[0].dtype), dshift.sum(0).to(norm[0].dtype)
+    res = (dx, ga)
+    if norm is not None:
+        if not m:
+            dscale.zero_(), dshift.zero_()
+        res += (dscale.sum(0).to(norm[0].dtype), dshift.sum(0).to(norm[0].dtype))
+    if out_dtype is not None:
+        res += (o if grouped else o[0],)
+    return res

@@ -34,7 +34,9 @@ takes their ``G`` gradients, sums them in the rotated basis and rotates back onc
 The backward kernel recomputes the rotation from x exactly as the forward did (so the clamp masks
 and codes are the forward's), applies the LSQ straight-through gradient, and rotates the gradient
 back; ``GSPLIT=False`` rounds the gradient to bf16 before each product of that last rotation (a
-bf16 gradient, like any bf16 matmul's backward, at half the tensor-core work):
+bf16 gradient, like any bf16 matmul's backward, at half the tensor-core work). ``W_OUT`` also
+writes ``q * s_t`` as the forward would have (the same codes and steps, so the same bits), so a
+QAT forward whose GEMM read the e4m3 codes need not keep that tensor for the weight gradient:
 
     gs_t   = sum_i G_i (q_i - m_i v_i)                         (dL/ds_t)
     dy_i   = G_i m_i + gs_t * alpha_t * dstat/dy_i             (dynamic; stat > eps; summed over G)
@@ -277,14 +279,14 @@ def rotq_fwd_kernel(
 # programs as tokens) faulted with an illegal memory access (benchmarks/bwd_diag.py, docs/PERFORMANCE.md).
 @triton.jit(do_not_specialize=["n_iter"])
 def rotq_bwd_kernel(
-    X, GRAD, SIGNS, LEFT, RIGHT, LEFT_T, ALPHA, DX, GA, SCALE, SHIFT, DSCALE, DSHIFT,
+    X, GRAD, SIGNS, LEFT, RIGHT, LEFT_T, ALPHA, DX, GA, SCALE, SHIFT, DSCALE, DSHIFT, OUT,
     M, n_iter, stride_x, stride_g, alpha_sg, alpha_st, grad_sg, tokens_per_sample, stride_mod, chunks,
     ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
     QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr,
     ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr,
-    GSPLIT: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr,
+    GSPLIT: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr, W_OUT: tl.constexpr,
 ):
     # B (Sylvester) is symmetric, so the transposed rotation is A dy B: no B^T needed.
     # NORM: program pid takes a contiguous run of the tokens of sample pid // chunks, so it sums its
@@ -328,6 +330,8 @@ def rotq_bwd_kernel(
             v = y / s
             inr = (v >= -QN) & (v <= QP) & mask
             q = _quantize(v, QN, QP, SIGN1)
+            if W_OUT:  # the forward's q * s_t again (same y, same rounding), for the weight gradient
+                tl.store(OUT + g * grad_sg + t * K + offs, (q * s).to(OUT.dtype.element_ty), mask=mtok)
             gr = tl.load(GRAD + g * grad_sg + t * stride_g + offs, mask=mtok, other=0.0).to(tl.float32)
             gs = tl.sum(tl.sum(gr * (q - tl.where(inr, v, 0.0)), axis=1), axis=0)
             dy += tl.where(inr, gr, 0.0)

@@ -119,6 +119,50 @@ def check_qat():
     print("qat ok")
 
 
+def check_gemm_input_in_backward():
+    """The backward kernel's q * s_t (qat.GEMM_INPUT_IN_BACKWARD: written there, not saved by the
+    forward) equals the forward's bit for bit, for grouped quantizers, a GELU and an adaLN in front;
+    and a fused QuantLinear on the fp8 forward path (forced here: cuBLAS fp8 runs on CPU too) gets the
+    same gradients either way."""
+    import robuq.kernels.qat as qat
+    from robuq.models import modulate  # noqa: F401  (the adaLN the kernels compute)
+
+    torch.manual_seed(8)
+    b, t, k = 2, 9, 192
+    x = torch.randn(b * t, k) * 2
+    lay = rotation_layout(k, "kronecker", None)
+    signs = torch.where(torch.rand(k) < 0.5, -1.0, 1.0)
+    alpha = torch.tensor([[0.7], [1.1], [0.45]])
+    emb = torch.randn(b, 2 * k) * 0.3
+    grad = torch.randn(3, b * t, k)
+    for kw in [dict(), dict(act="gelu_tanh"), dict(norm=(emb[:, k:], emb[:, :k], 1e-6))]:
+        for bits, mode in [(2, 1), (3, 0), (4, 2)]:
+            fwd = rotate_quantize(x, signs, lay, alpha, bits, True, mode, out="scaled", out_dtype=torch.float32, **kw)
+            res = rotate_quantize_backward(x, grad, signs, lay, alpha, bits, True, mode, out_dtype=torch.float32, **kw)
+            plain = rotate_quantize_backward(x, grad, signs, lay, alpha, bits, True, mode, **kw)
+            assert torch.equal(res[-1], fwd["out"]), (kw.keys(), bits, mode)
+            assert all(torch.equal(a, c) for a, c in zip(res, plain))
+    grads = []
+    orig = qat._fp8_forward
+    qat._fp8_forward = lambda layer, x2, cdt: layer.weight_quant is not None
+    try:
+        net = torch.nn.Sequential(torch.nn.Linear(192, 96))
+        quantize_(net, QuantConfig(include=["0"], act_bits=2))
+        xi = torch.randn(5, 192) * 2
+        net(xi)
+        use_fused_kernels(net)
+        for in_backward in (False, True):
+            qat.GEMM_INPUT_IN_BACKWARD = in_backward
+            net.zero_grad()
+            xr = xi.clone().requires_grad_()
+            net(xr).square().sum().backward()
+            grads.append([xr.grad] + [p.grad.clone() for p in net.parameters()])
+    finally:
+        qat._fp8_forward, qat.GEMM_INPUT_IN_BACKWARD = orig, True
+    assert all(torch.equal(a, c) for a, c in zip(*grads))
+    print("gemm input in backward ok")
+
+
 def check_fused_qkv():
     """q, k and v of a diffusers Attention as one fused group (one launch each way, three LSQ
     quantizers) against the reference layers: outputs and every gradient."""
@@ -295,6 +339,7 @@ if __name__ == "__main__":
     check_ternary()
     check_bad_shapes()
     check_qat()
+    check_gemm_input_in_backward()
     check_fused_qkv()
     check_fused_gelu()
     check_fused_norm()
