@@ -163,6 +163,40 @@ def check_gemm_input_in_backward():
     print("gemm input in backward ok")
 
 
+def check_compiled_fused_path():
+    """torch.compile traces the fused path through its custom ops (their fake kernels give the
+    shapes) on the fp8 forward path (forced: cuBLAS fp8 runs on CPU), with the weight gradient's
+    input written by the backward or kept from the forward: output and gradients as eager."""
+    import robuq.kernels.qat as qat
+
+    orig = qat._fp8_forward
+    qat._fp8_forward = lambda layer, x2, cdt: layer.weight_quant is not None
+    try:
+        torch.manual_seed(9)
+        net = torch.nn.Sequential(torch.nn.Linear(192, 768), torch.nn.GELU(), torch.nn.Linear(768, 192))
+        quantize_(net, QuantConfig(include=["0", "2"], act_bits=2))
+        x = torch.randn(2, 5, 192)
+        net(x)
+        use_fused_kernels(net)
+
+        def run(f):
+            xi = x.clone().requires_grad_()
+            y = f(xi)
+            y.square().mean().backward()
+            out = [y, xi.grad] + [p.grad.clone() for p in net.parameters()]
+            net.zero_grad(set_to_none=True)
+            return out
+
+        for in_backward in (True, False):
+            qat.GEMM_INPUT_IN_BACKWARD = in_backward
+            eager, compiled = run(net), run(torch.compile(net))
+            torch._dynamo.reset()
+            assert all(rel(c, e) < 1e-5 for c, e in zip(compiled, eager)), in_backward
+    finally:
+        qat._fp8_forward, qat.GEMM_INPUT_IN_BACKWARD = orig, True
+    print("compiled fused path ok")
+
+
 def check_fused_qkv():
     """q, k and v of a diffusers Attention as one fused group (one launch each way, three LSQ
     quantizers) against the reference layers: outputs and every gradient."""
@@ -340,6 +374,7 @@ if __name__ == "__main__":
     check_bad_shapes()
     check_qat()
     check_gemm_input_in_backward()
+    check_compiled_fused_path()
     check_fused_qkv()
     check_fused_gelu()
     check_fused_norm()
