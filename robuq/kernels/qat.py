@@ -172,7 +172,7 @@ class FusedQuantLinearFn(torch.autograd.Function):
         # call); under torch.compile the registered op keeps the kernel opaque to the tracer
         fwd = torch.ops.robuq.rotq_fwd if torch.compiler.is_compiling() else _rotq_fwd_impl
         fp8 = w8[0] is not None
-        keep_out = not (fp8 and GEMM_INPUT_IN_BACKWARD)  # the bf16 forward GEMM reads it now
+        keep_out = not (fp8 and GEMM_INPUT_IN_BACKWARD)  # (off the fp8 path the forward GEMM reads q * s_t)
         out, q8, s = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), fp8, act,
                          scale, shift, ln_eps, keep_out)
         ys = []

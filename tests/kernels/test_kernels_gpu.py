@@ -94,6 +94,23 @@ def test_rotate_quantize_backward_vs_float64(k, grad_split, dtype, monkeypatch):
     assert rel(ga, rga) < 1e-2
 
 
+@pytest.mark.parametrize("k,norm", [(1152, False), (1152, True), (4608, False), (192, True)])
+def test_backward_writes_the_forwards_gemm_input(k, norm):
+    """qat.GEMM_INPUT_IN_BACKWARD: the backward kernel's q * s_t equals the forward kernel's bit for
+    bit (three quantizers of one input, bf16 input, the default launch settings of each kernel)."""
+    torch.manual_seed(k)
+    x = (torch.randn(2048, k, device=DEV) * 2).bfloat16()
+    signs = torch.where(torch.rand(k, device=DEV) < 0.5, -1.0, 1.0)
+    lay = rotation_layout(k, "kronecker", None)
+    alpha = torch.tensor([[0.7], [1.1], [0.45]], device=DEV)
+    mod = torch.randn(4, 2 * k, device=DEV) * 0.3
+    kw = dict(norm=(mod[:, :k], mod[:, k:], 1e-6)) if norm else {}
+    fwd = rotate_quantize(x, signs, lay, alpha, 2, True, 1, out="scaled", **kw)
+    grad = torch.randn(3, 2048, k, device=DEV).bfloat16()
+    res = rotate_quantize_backward(x, grad, signs, lay, alpha, 2, True, 1, out_dtype=torch.bfloat16, **kw)
+    assert torch.equal(res[-1], fwd["out"])
+
+
 @pytest.mark.parametrize("k,n,qmax", [(1152, 1152, 2), (4608, 1152, 8), (1152, 4608, 16), (4608, 3456, 16)])
 @pytest.mark.parametrize("fast", [False, True])
 def test_fp8_gemm_exact(k, n, qmax, fast):
