@@ -1,6 +1,7 @@
 """Kernel checks run under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before triton
 is imported, so test_kernels_interpret.py runs this file in a subprocess). Prints OK at the end."""
 
+import contextlib
 import copy
 import os
 import sys
@@ -119,14 +120,25 @@ def check_qat():
     print("qat ok")
 
 
+@contextlib.contextmanager
+def fp8_forward_on_cpu():
+    """robuq.kernels.qat with its fp8 forward GEMM on for CPU tensors (cuBLAS's fp8 matmul has a CPU
+    kernel); GEMM_INPUT_IN_BACKWARD is restored on exit."""
+    import robuq.kernels.qat as qat
+
+    orig = qat._fp8_forward
+    qat._fp8_forward = lambda layer, x2, cdt: layer.weight_quant is not None
+    try:
+        yield qat
+    finally:
+        qat._fp8_forward, qat.GEMM_INPUT_IN_BACKWARD = orig, True
+
+
 def check_gemm_input_in_backward():
     """The backward kernel's q * s_t (qat.GEMM_INPUT_IN_BACKWARD: written there, not saved by the
     forward) equals the forward's bit for bit, for grouped quantizers, a GELU and an adaLN in front;
     and a fused QuantLinear on the fp8 forward path (forced here: cuBLAS fp8 runs on CPU too) gets the
     same gradients either way."""
-    import robuq.kernels.qat as qat
-    from robuq.models import modulate  # noqa: F401  (the adaLN the kernels compute)
-
     torch.manual_seed(8)
     b, t, k = 2, 9, 192
     x = torch.randn(b * t, k) * 2
@@ -143,9 +155,7 @@ def check_gemm_input_in_backward():
             assert torch.equal(res[-1], fwd["out"]), (kw.keys(), bits, mode)
             assert all(torch.equal(a, c) for a, c in zip(res, plain))
     grads = []
-    orig = qat._fp8_forward
-    qat._fp8_forward = lambda layer, x2, cdt: layer.weight_quant is not None
-    try:
+    with fp8_forward_on_cpu() as qat:
         net = torch.nn.Sequential(torch.nn.Linear(192, 96))
         quantize_(net, QuantConfig(include=["0"], act_bits=2))
         xi = torch.randn(5, 192) * 2
@@ -157,8 +167,6 @@ def check_gemm_input_in_backward():
             xr = xi.clone().requires_grad_()
             net(xr).square().sum().backward()
             grads.append([xr.grad] + [p.grad.clone() for p in net.parameters()])
-    finally:
-        qat._fp8_forward, qat.GEMM_INPUT_IN_BACKWARD = orig, True
     assert all(torch.equal(a, c) for a, c in zip(*grads))
     print("gemm input in backward ok")
 
@@ -167,11 +175,7 @@ def check_compiled_fused_path():
     """torch.compile traces the fused path through its custom ops (their fake kernels give the
     shapes) on the fp8 forward path (forced: cuBLAS fp8 runs on CPU), with the weight gradient's
     input written by the backward or kept from the forward: output and gradients as eager."""
-    import robuq.kernels.qat as qat
-
-    orig = qat._fp8_forward
-    qat._fp8_forward = lambda layer, x2, cdt: layer.weight_quant is not None
-    try:
+    with fp8_forward_on_cpu() as qat:
         torch.manual_seed(9)
         net = torch.nn.Sequential(torch.nn.Linear(192, 768), torch.nn.GELU(), torch.nn.Linear(768, 192))
         quantize_(net, QuantConfig(include=["0", "2"], act_bits=2))
@@ -192,8 +196,6 @@ def check_compiled_fused_path():
             eager, compiled = run(net), run(torch.compile(net))
             torch._dynamo.reset()
             assert all(rel(c, e) < 1e-5 for c, e in zip(compiled, eager)), in_backward
-    finally:
-        qat._fp8_forward, qat.GEMM_INPUT_IN_BACKWARD = orig, True
     print("compiled fused path ok")
 
 
