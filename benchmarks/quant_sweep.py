@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--kinds", nargs="+", default=["kronecker"], choices=["kronecker", "block", "none"],
                     help="rotation of the token (block: block-diagonal H_128)")
     ap.add_argument("--from_codes", action="store_true", help="also time the backward from the forward's codes and mask")
+    ap.add_argument("--rint", nargs="+", type=int, default=[1], choices=[0, 1],
+                    help="round with libdevice rint (1, quant_ops.RINT_ROUNDING) or floor and a tie fix-up (0)")
     args = ap.parse_args()
     m = args.tokens
     x = torch.empty(m, 8192, device="cuda", dtype=torch.bfloat16)
@@ -62,10 +64,12 @@ def main():
         signs = torch.ones(k, device="cuda")
         alpha = torch.full((1, 1), 0.5, device="cuda")
         floor_f, floor_b = (m * k * 3) / bw * 1e6, (m * k * 6) / bw * 1e6  # us
-        for warps, per_sm, reload, split, x16, gsplit, stages in itertools.product(
+        for warps, per_sm, reload, split, x16, gsplit, stages, rint in itertools.product(
                 args.warps, args.per_sm, (False, True) if args.reload else (False,), (True, False),
-                (True, False) if args.x16 else (True,), (False, True) if args.grad_split else (False,), args.stages):
+                (True, False) if args.x16 else (True,), (False, True) if args.grad_split else (False,), args.stages,
+                args.rint):
             quant_ops.NUM_WARPS[tile], quant_ops.PROGRAMS_PER_SM = warps, per_sm
+            quant_ops.RINT_ROUNDING = bool(rint)
             quant_ops.X16_TILES, quant_ops.GRAD_SPLIT = x16, gsplit
             quant_ops.NUM_STAGES.update(forward=stages, backward=stages)
             quant_ops.RELOAD_ABOVE.update(forward=0 if reload else 1 << 30, backward=0 if reload else 1 << 30)
@@ -75,15 +79,15 @@ def main():
                                                               split=split)) * 1e3
                 extra = from_codes_times(x, dy, signs, lay, alpha, split) if args.from_codes else {}
             except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory / registers)
-                print(f"K={k} kind={kind} warps={warps} per_sm={per_sm} reload={reload} split={split} x16={x16} grad_split={gsplit} stages={stages}: "
+                print(f"K={k} kind={kind} warps={warps} per_sm={per_sm} reload={reload} split={split} x16={x16} grad_split={gsplit} stages={stages} rint={rint}: "
                       f"{type(e).__name__}")
                 continue
-            rows.append(dict(K=k, kind=kind, warps=warps, programs_per_sm=per_sm, reload=reload, split=split, x16=x16, grad_split=gsplit, stages=stages,
+            rows.append(dict(K=k, kind=kind, warps=warps, programs_per_sm=per_sm, reload=reload, split=split, x16=x16, grad_split=gsplit, stages=stages, rint=rint,
                              fwd_us=round(fwd, 1), bwd_us=round(bwd, 1), fwd_floor_us=round(floor_f, 1),
                              bwd_floor_us=round(floor_b, 1), **extra))
             print(json.dumps(rows[-1]), flush=True)
     quant_ops.NUM_WARPS.clear()
-    quant_ops.X16_TILES, quant_ops.GRAD_SPLIT = True, False
+    quant_ops.X16_TILES, quant_ops.GRAD_SPLIT, quant_ops.RINT_ROUNDING = True, False, True
     for k, kind, split, x16, gsplit in itertools.product(args.dims, args.kinds, (True, False), (True, False), (False, True)):
         sub = [r for r in rows if r["K"] == k and r["kind"] == kind and r["split"] == split and r["x16"] == x16 and r["grad_split"] == gsplit]
         if sub:

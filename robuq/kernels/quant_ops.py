@@ -61,6 +61,9 @@ GRAD_SPLIT = False
 # product of its one rotation: its step gradient takes <Rot^T(m G), x d> in the input basis, which
 # the bf16 rounding of that product would move by ~2e-3 (the rotated-basis sum's precision is ~1e-5).
 FROM_CODES_SPLIT = True
+# Round codes with one cvt.rni instruction (libdevice rint) instead of floor and a tie fix-up (the
+# same results; the CPU interpreter always takes the latter).
+RINT_ROUNDING = True
 NUM_WARPS: dict[int, int] = {}
 NUM_STAGES: dict[str, int | None] = {"forward": 1, "backward": 2}  # None: the compiler default
 
@@ -114,6 +117,7 @@ def _common(lay: RotationLayout, bits: int, signed: bool, mode: int, x_dtype: to
         # the first product is exact without a split only for bf16 input (x is a bf16 dot operand)
         SPLIT1=(x_dtype != torch.bfloat16 and split), SPLIT2=split, DOT_DT=_dot_dtype(),
         SQRT_N=float(lay.sqrt_n), EPS=EPS, X16=(X16_TILES and x_dtype == torch.bfloat16 and not tq.INTERPRET),
+        RINT=RINT_ROUNDING and not tq.INTERPRET,
     )
 
 

@@ -48,12 +48,17 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ._compat import INTERPRET  # noqa: E402  (patches the CPU interpreter when it is on)
 
 
 @triton.jit
-def _round_half_even(v):
+def _round_half_even(v, RINT: tl.constexpr = False):
+    """Round to nearest, ties to even: one ``cvt.rni`` instruction (libdevice rint) on the GPU with
+    RINT, else floor and tie fix-up (the CPU interpreter has no libdevice)."""
+    if RINT:
+        return libdevice.rint(v)
     f = tl.floor(v + 0.5)
     tie = (f - v) == 0.5
     odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
@@ -191,12 +196,12 @@ def _token_step(alpha_ptr, st, MODE: tl.constexpr):
 
 
 @triton.jit
-def _quantize(v, QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr):
+def _quantize(v, QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, RINT: tl.constexpr):
     v = tl.minimum(tl.maximum(v, -QN), QP)
     if SIGN1:
         q = tl.where(v >= 0.0, 1.0, -1.0)
     else:
-        q = _round_half_even(v)
+        q = _round_half_even(v, RINT)
     return q
 
 
@@ -253,7 +258,7 @@ def rotq_fwd_kernel(
     SQRT_N: tl.constexpr, EPS: tl.constexpr,
     W_I8: tl.constexpr, W_F8: tl.constexpr, W_OUT: tl.constexpr, OUT_SCALED: tl.constexpr, W_STAT: tl.constexpr,
     W_MASK: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr, ACT: tl.constexpr,
-    NORM: tl.constexpr, LN_EPS: tl.constexpr,
+    NORM: tl.constexpr, LN_EPS: tl.constexpr, RINT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -280,7 +285,7 @@ def rotq_fwd_kernel(
         for g in tl.static_range(G):
             alpha, s = _token_step(ALPHA + g * alpha_sg + t * alpha_st, st, MODE)
             v = y / s
-            q = _quantize(v, QN, QP, SIGN1)
+            q = _quantize(v, QN, QP, SIGN1, RINT)
             base = g * codes_sg + t * K + offs
             if W_MASK:  # the clamp mask, 8 elements per byte, for a backward that reads the codes
                 _store_mask_bits(MASKB + (g * codes_sg + t * K) // 8, (v >= -QN) & (v <= QP), ok, ROWS, MP, P)
@@ -319,7 +324,7 @@ def _lsq_grad_from_codes(x, grad_ptrs, code_ptrs, mask_ptr, stat_ptr, alpha_ptr,
                          L, R, LT, QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr,
                          K: tl.constexpr, ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
                          SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr, SQRT_N: tl.constexpr,
-                         EPS: tl.constexpr, W_OUT: tl.constexpr, FROM_CODES: tl.constexpr):
+                         EPS: tl.constexpr, W_OUT: tl.constexpr, FROM_CODES: tl.constexpr, RINT: tl.constexpr):
     """One quantizer's LSQ backward of one token from the forward's codes, clamp mask and statistic,
     without the forward rotation: with m the mask and u = Rot^T(m G) (one rotation, the only one),
     Rot orthonormal and y = Rot(x d), sum_i m_i G_i y_i = <u, x d> and Rot^T(y) = x d, so
@@ -332,7 +337,7 @@ def _lsq_grad_from_codes(x, grad_ptrs, code_ptrs, mask_ptr, stat_ptr, alpha_ptr,
     alpha, s = _token_step(alpha_ptr, st, MODE)
     c = tl.load(code_ptrs, mask=mtok, other=0.0).to(tl.float32)
     if FROM_CODES == 2:
-        q = _round_half_even(c / s)
+        q = _round_half_even(c / s, RINT)
     else:
         q = c
     if W_OUT:  # the forward's q * s_t again (same codes, same step), for the weight gradient
@@ -364,7 +369,7 @@ def rotq_bwd_kernel(
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr,
     GSPLIT1: tl.constexpr, GSPLIT2: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr,
-    W_OUT: tl.constexpr, FROM_CODES: tl.constexpr,
+    W_OUT: tl.constexpr, FROM_CODES: tl.constexpr, RINT: tl.constexpr,
 ):
     # B (Sylvester) is symmetric, so the transposed rotation is A dy B: no B^T needed.
     # NORM: program pid takes a contiguous run of the tokens of sample pid // chunks, so it sums its
@@ -400,7 +405,7 @@ def rotq_bwd_kernel(
             dx = _lsq_grad_from_codes(x, GRAD + t * stride_g + offs, CODES + t * K + offs, MASKB + t * (K // 8),
                                       STAT + t, ALPHA + t * alpha_st, GA + t, OUT + t * K + offs, offs, mtok, ok,
                                       L, R, LT, QN, QP, SIGN1, MODE, K, ROTATE, HAS_LEFT, R_FIRST, GSPLIT1, GSPLIT2,
-                                      DOT_DT, SQRT_N, EPS, W_OUT, FROM_CODES)
+                                      DOT_DT, SQRT_N, EPS, W_OUT, FROM_CODES, RINT)
         else:
             y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
             st_raw = _stat(y, MODE, K, EPS)
@@ -413,7 +418,7 @@ def rotq_bwd_kernel(
                 alpha, s = _token_step(ALPHA + g * alpha_sg + t * alpha_st, st, MODE)
                 v = y / s
                 inr = (v >= -QN) & (v <= QP) & mask
-                q = _quantize(v, QN, QP, SIGN1)
+                q = _quantize(v, QN, QP, SIGN1, RINT)
                 if W_OUT:  # the forward's q * s_t again (same y, same rounding), for the weight gradient
                     tl.store(OUT + g * grad_sg + t * K + offs, (q * s).to(OUT.dtype.element_ty), mask=mtok)
                 gr = tl.load(GRAD + g * grad_sg + t * stride_g + offs, mask=mtok, other=0.0).to(tl.float32)

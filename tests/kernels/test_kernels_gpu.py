@@ -111,6 +111,24 @@ def test_backward_writes_the_forwards_gemm_input(k, norm):
     assert torch.equal(res[-1], fwd["out"])
 
 
+@pytest.mark.parametrize("k", [1152, 4608])
+def test_rint_rounding_equals_the_tie_fixup(k, monkeypatch):
+    """quant_ops.RINT_ROUNDING (one cvt.rni per code) gives the codes of floor and a tie fix-up, ties
+    included (values on .5 exactly: static steps that make y / s land on half-integers)."""
+    torch.manual_seed(k)
+    x = (torch.randn(4096, k, device=DEV) * 2).bfloat16()
+    x[:8] = (torch.randint(-5, 5, (8, k), device=DEV) * 0.5).bfloat16()  # ties with no rotation
+    signs = torch.where(torch.rand(k, device=DEV) < 0.5, -1.0, 1.0)
+    res = {}
+    for rint in (False, True):
+        monkeypatch.setattr(quant_ops, "RINT_ROUNDING", rint)
+        for kind in ("kronecker", "none"):
+            lay = rotation_layout(k, kind, None)
+            res[rint, kind] = rotate_quantize(x, signs, lay, torch.ones(1, 1, device=DEV), 4, True, 0, want_i8=True)["i8"]
+    for kind in ("kronecker", "none"):
+        assert torch.equal(res[True, kind], res[False, kind]), kind
+
+
 @pytest.mark.parametrize("k", [1152, 4608, 192])
 @pytest.mark.parametrize("codes", ["f8", "out"])
 def test_backward_from_codes_vs_float64(k, codes):
