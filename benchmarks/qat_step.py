@@ -13,8 +13,6 @@ Rows (issue 7):
        (fuse_norms=True): the fused path as it ships
   cnk  (cn) with the forward kernels writing and keeping the weight gradient's input q * s_t
        (qat.GEMM_INPUT_IN_BACKWARD = False: the default until session 10)
-  cnr  (cn) with every backward kernel recomputing the forward rotation (qat.BACKWARD_FROM_CODES
-       = False: the default until session 11)
   d  full QAT step: frozen bf16 teacher forward + (c) with the distillation MSE; the teacher runs
      as a plain bf16 model (robuq.models.frozen_forward, what DiTModule does)
   da (d) with the teacher under the step's autocast (before session 7: its LayerNorms in fp32)
@@ -313,21 +311,19 @@ def main():
                 continue  # the reference path is the slow baseline; 3.4x eager (docs/PERFORMANCE.md)
             label = {"a": "a plain bf16", "b": "b QAT reference", "c": "c QAT fused", "c16": "c16 fused, bf16 fwd GEMM",
                      "c3": "c3 fused, q/k/v apart", "cg": "cg fused, GELU in kernel", "cn": "cn fused, adaLN in kernel",
-                     "cnk": "cnk (cn), q*s kept from fwd", "cnr": "cnr (cn), bwd recomputes rot",
+                     "cnk": "cnk (cn), q*s kept from fwd",
                      "d": "d QAT fused + teacher", "da": "da (d), teacher autocast",
                      "dn": "dn (d), adaLN in kernel"}[row]
             qat.FP8_FORWARD = row != "c16"
             qat.GEMM_INPUT_IN_BACKWARD = row != "cnk"
-            qat.BACKWARD_FROM_CODES = row != "cnr"
             try:
                 teacher = None
                 if row == "a":
                     model = build_xl().train()
                 else:
                     model = make_student(args.bits)
-                    if row in ("c", "c16", "c3", "cg", "cn", "cnk", "cnr", "d", "da", "dn"):
-                        fused = use_fused_kernels(model, fuse_activations=row == "cg",
-                                                  fuse_norms=row in ("cn", "cnk", "cnr", "dn"))
+                    if row in ("c", "c16", "c3", "cg", "cn", "cnk", "d", "da", "dn"):
+                        fused = use_fused_kernels(model, fuse_activations=row == "cg", fuse_norms=row in ("cn", "cnk", "dn"))
                         if row == "c3":
                             from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 

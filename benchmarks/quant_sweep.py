@@ -9,9 +9,7 @@ bytes floor (read x bf16, write e4m3 codes; backward: read x and dy, write dx) a
 --grad_split the exact gradient rotation (quant_ops.GRAD_SPLIT) against the bf16 one.
 --kinds block none also times the block-diagonal H_128 rotation and no rotation at all, which says
 how much of a kernel's time the rotation products take (at K = 4608 all three use the same tile).
---from_codes also times the forward that writes the clamp mask and statistic as well (fwd_mask_us)
-and the backward that reads them with the codes instead of recomputing the rotation (bwd_codes_us;
-bwd_codes_bf16_us: the same with its second product unsplit, quant_ops.FROM_CODES_SPLIT off).
+--rint 0 1 times the codes rounded by floor and a tie fix-up (0) against one cvt.rni (1, the default).
 """
 
 import argparse
@@ -44,7 +42,6 @@ def main():
                     help="software-pipelining depth of the token loop (quant_ops.NUM_STAGES, both directions)")
     ap.add_argument("--kinds", nargs="+", default=["kronecker"], choices=["kronecker", "block", "none"],
                     help="rotation of the token (block: block-diagonal H_128)")
-    ap.add_argument("--from_codes", action="store_true", help="also time the backward from the forward's codes and mask")
     ap.add_argument("--rint", nargs="+", type=int, default=[1], choices=[0, 1],
                     help="round with libdevice rint (1, quant_ops.RINT_ROUNDING) or floor and a tie fix-up (0)")
     args = ap.parse_args()
@@ -77,14 +74,13 @@ def main():
                 fwd = gbench(lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, split=split)) * 1e3
                 bwd = gbench(lambda: rotate_quantize_backward(x, dy, signs, lay, alpha.reshape(1), 2, True, 1,
                                                               split=split)) * 1e3
-                extra = from_codes_times(x, dy, signs, lay, alpha, split) if args.from_codes else {}
             except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory / registers)
                 print(f"K={k} kind={kind} warps={warps} per_sm={per_sm} reload={reload} split={split} x16={x16} grad_split={gsplit} stages={stages} rint={rint}: "
                       f"{type(e).__name__}")
                 continue
             rows.append(dict(K=k, kind=kind, warps=warps, programs_per_sm=per_sm, reload=reload, split=split, x16=x16, grad_split=gsplit, stages=stages, rint=rint,
                              fwd_us=round(fwd, 1), bwd_us=round(bwd, 1), fwd_floor_us=round(floor_f, 1),
-                             bwd_floor_us=round(floor_b, 1), **extra))
+                             bwd_floor_us=round(floor_b, 1)))
             print(json.dumps(rows[-1]), flush=True)
     quant_ops.NUM_WARPS.clear()
     quant_ops.X16_TILES, quant_ops.GRAD_SPLIT, quant_ops.RINT_ROUNDING = True, False, True
@@ -99,23 +95,6 @@ def main():
                   f"per_sm={bb['programs_per_sm']} reload={bb['reload']} stages={bb['stages']}")
     if args.json:
         json.dump(dict(copy_tb_s=bw / 1e12, rows=rows), open(args.json, "w"), indent=1)
-
-
-def from_codes_times(x, dy, signs, lay, alpha, split) -> dict[str, float]:
-    """GPU us of the forward that also writes the mask and statistic, and of the backward from them."""
-    def fwd():
-        return rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, want_mask=True, want_stat=True,
-                               split=split)
-
-    r = fwd()
-    saved = (r["f8"], r["mask"], r["stat"])
-    res = dict(fwd_mask_us=round(gbench(fwd) * 1e3, 1))
-    for key, exact in (("bwd_codes_us", True), ("bwd_codes_bf16_us", False)):
-        quant_ops.FROM_CODES_SPLIT = exact
-        res[key] = round(gbench(lambda: rotate_quantize_backward(x, dy, signs, lay, alpha.reshape(1), 2, True, 1,
-                                                                 split=split, saved=saved)) * 1e3, 1)
-    quant_ops.FROM_CODES_SPLIT = True
-    return res
 
 
 if __name__ == "__main__":

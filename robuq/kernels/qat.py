@@ -20,10 +20,8 @@ block's adaLN (LayerNorm and modulation) themselves, forward and backward (``nor
 ``robuq.kernels.block``: 1.19x -> 1.05x as a CUDA graph, docs/PERFORMANCE.md section 3.1).
 Saved for backward: x (shared with every other consumer of the same input), s_t, the ternary
 weight (and the 16-bit GEMM input off the fp8 path); never the reference's fp32 rotated
-intermediates. A single quantizer in static or rms mode (``BACKWARD_FROM_CODES``) also keeps its
-codes (the e4m3 GEMM input), its clamp mask (1 bit per element) and its statistic, and its
-backward kernel rotates only the gradient back; a group (q/k/v) and absmax quantizers recompute
-the rotation from x inside the backward kernel. Under bf16 autocast an fp32
+intermediates.
+Backward recomputes the rotation from x inside the backward kernel. Under bf16 autocast an fp32
 input (a LayerNorm output) is rounded to bf16 as the kernel loads it, which is what autocast does
 to any linear's input, and runs the kernels' faster bf16 tile. (Saving int8 codes instead of
 the GEMM input saves 1 byte per element but costs a dequantize pass per layer in backward: on the
@@ -62,7 +60,7 @@ from .attention import share_qkv
 from .block import fuse_block_norms
 from .gemm import scaled_mm_rowwise
 from .mlp import fuse_gelu
-from .quant_ops import MODE_IDS, act_id, mode_id, rotate_quantize, rotate_quantize_backward
+from .quant_ops import act_id, mode_id, rotate_quantize, rotate_quantize_backward
 from .rotation import rotation_kind, rotation_layout
 from .ternary import ternary_weight
 
@@ -75,10 +73,6 @@ FP8_FORWARD = True
 # nothing of size [G, M, K] is kept between forward and backward. False: the forward writes and
 # saves q * s_t (benchmarks compare both).
 GEMM_INPUT_IN_BACKWARD = True
-# A single quantizer's backward (static or rms) reads the forward's codes, clamp mask (1 bit per
-# element) and statistic and rotates only the gradient back, instead of recomputing the forward's
-# rotation (``quant_ops.rotate_quantize_backward(saved=...)``). False: recompute (benchmarks compare).
-BACKWARD_FROM_CODES = True
 
 
 def _layout(dim: int, kind: str, block_size: int):
@@ -95,49 +89,42 @@ def _norm(scale: torch.Tensor | None, shift: torch.Tensor | None, ln_eps: float)
 def _rotq_fwd_impl(
     x: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
     bits: int, signed: bool, mode: int, out_dtype: str, want_f8: bool, act: str,
-    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float, want_out: bool, want_mask: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float, want_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K], alpha [G, M or 1] -> (q * s_t [G, M, K] out_dtype (if want_out, else empty), q [G, M, K]
-    e4m3 (if want_f8, else empty), s_t [G, M] fp32, and if want_mask the clamp mask bits [G, M, K / 8] and
-    the statistic [M] (else empty)) of act(x) (act "": x itself), or of the adaLN of x (scale, shift [B, K])."""
+    e4m3 (if want_f8, else empty), s_t [G, M] fp32) of act(x) (act "": x itself), or of the adaLN of x
+    (scale, shift [B, K])."""
     lay = _layout(x.shape[1], kind, block_size)
     r = rotate_quantize(x, signs, lay, alpha, bits, signed, mode, out="scaled" if want_out else None, want_f8=want_f8,
                         out_dtype=_DTYPES[out_dtype], round_to_bf16=out_dtype == "bfloat16", act=act or None,
-                        norm=_norm(scale, shift, ln_eps), want_mask=want_mask, want_stat=want_mask)
-    empty = x.new_empty(0, dtype=torch.uint8)
+                        norm=_norm(scale, shift, ln_eps))
     return (r["out"] if want_out else x.new_empty(0, dtype=_DTYPES[out_dtype]),
-            r["f8"] if want_f8 else x.new_empty(0, dtype=torch.float8_e4m3fn), r["s"],
-            r["mask"] if want_mask else empty, r["stat"] if want_mask else empty.float())
+            r["f8"] if want_f8 else x.new_empty(0, dtype=torch.float8_e4m3fn), r["s"])
 
 
 rotq_fwd = torch.library.custom_op("robuq::rotq_fwd", _rotq_fwd_impl, mutates_args=())
 
 
 @rotq_fwd.register_fake
-def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8, act, scale, shift, ln_eps, want_out,
-      want_mask):
+def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8, act, scale, shift, ln_eps, want_out):
     (m, k), g = x.shape, alpha.shape[0]
     f8 = x.new_empty((g, m, k) if want_f8 else (0,), dtype=torch.float8_e4m3fn)
     out = x.new_empty((g, m, k) if want_out else (0,), dtype=_DTYPES[out_dtype])
-    mask = x.new_empty((g, m, k // 8) if want_mask else (0,), dtype=torch.uint8)
-    return out, f8, x.new_empty(g, m, dtype=torch.float32), mask, x.new_empty(m if want_mask else 0, dtype=torch.float32)
+    return out, f8, x.new_empty(g, m, dtype=torch.float32)
 
 
 def _rotq_bwd_impl(
     x: torch.Tensor, grad: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
     bits: int, signed: bool, mode: int, out_dtype: str, act: str,
     scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float, want_out: bool,
-    codes: Optional[torch.Tensor], mask: Optional[torch.Tensor], stat: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """grad [G, M, K], alpha [G, M or 1] -> (dx [M, K] in x's dtype, per-token dL/dalpha [G, M] fp32,
     dL/dscale, dL/dshift [B, K] (empty without the adaLN), the forward's q * s_t [G, M, K] out_dtype
-    (if want_out, else empty)). With the forward's codes (e4m3 or q * s_t), mask and stat (G = 1),
-    the kernel reads them instead of recomputing the rotation."""
+    (if want_out, else empty))."""
     lay = _layout(x.shape[1], kind, block_size)
     dt = _DTYPES[out_dtype]
     r = rotate_quantize_backward(x, grad, signs, lay, alpha, bits, signed, mode, round_to_bf16=out_dtype == "bfloat16",
-                                 act=act or None, norm=_norm(scale, shift, ln_eps), out_dtype=dt if want_out else None,
-                                 saved=None if codes is None else (codes, mask, stat))
+                                 act=act or None, norm=_norm(scale, shift, ln_eps), out_dtype=dt if want_out else None)
     if scale is None:
         r = (*r[:2], x.new_empty(0), x.new_empty(0), *r[2:])
     return r if want_out else (*r, x.new_empty(0, dtype=dt))
@@ -147,8 +134,7 @@ rotq_bwd = torch.library.custom_op("robuq::rotq_bwd", _rotq_bwd_impl, mutates_ar
 
 
 @rotq_bwd.register_fake
-def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, act, scale, shift, ln_eps, want_out,
-      codes, mask, stat):
+def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, act, scale, shift, ln_eps, want_out):
     dn = (0,) if scale is None else scale.shape
     dt = x.dtype if scale is None else scale.dtype
     out = x.new_empty(grad.shape if want_out else (0,), dtype=_DTYPES[out_dtype])
@@ -187,18 +173,15 @@ class FusedQuantLinearFn(torch.autograd.Function):
         fwd = torch.ops.robuq.rotq_fwd if torch.compiler.is_compiling() else _rotq_fwd_impl
         fp8 = w8[0] is not None
         keep_out = not (fp8 and GEMM_INPUT_IN_BACKWARD)  # (off the fp8 path the forward GEMM reads q * s_t)
-        from_codes = (BACKWARD_FROM_CODES and n == 1 and mode != MODE_IDS["absmax"]
-                      and _layout(x2.shape[1], kind, block_size).P % 8 == 0)
-        out, q8, s, mask, stat = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), fp8,
-                                     act, scale, shift, ln_eps, keep_out, from_codes)
+        out, q8, s = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), fp8, act,
+                         scale, shift, ln_eps, keep_out)
         ys = []
         for i in range(n):
             b = None if biases[i] is None else biases[i].to(cdt)
             ys.append(scaled_mm_rowwise(q8[i], w8[i], s[i], w_scale[i], b, out_dtype=cdt) if fp8
                       else F.linear(out[i], wq[i], b))
-        codes = (q8 if fp8 else out) if from_codes else None
-        ctx.save_for_backward(x2, out if keep_out else None, alpha_t, group_of_token, signs, scale, shift, codes,
-                              mask if from_codes else None, stat if from_codes else None, *wq, *params[2 * n:])
+        ctx.save_for_backward(x2, out if keep_out else None, alpha_t, group_of_token, signs, scale, shift, *wq,
+                              *params[2 * n:])
         ctx.spec = spec
         ctx.bias_dtypes = [None if bi is None else bi.dtype for bi in biases]
         ctx.weight_dtypes = [w.dtype for w in weights]
@@ -206,7 +189,7 @@ class FusedQuantLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *dys):
-        x2, out, alpha_t, group_of_token, signs, scale, shift, codes, mask, stat, *rest = ctx.saved_tensors
+        x2, out, alpha_t, group_of_token, signs, scale, shift, *rest = ctx.saved_tensors
         kind, block_size, bits, signed, mode, groups, cdt, act, ln_eps = ctx.spec
         n = len(dys)
         wq, steps = rest[:n], rest[n:]
@@ -222,8 +205,7 @@ class FusedQuantLinearFn(torch.autograd.Function):
                 torch.mm(dys[i], wq[i], out=dout[i])
         bwd = torch.ops.robuq.rotq_bwd if torch.compiler.is_compiling() else _rotq_bwd_impl
         dx, ga, dscale, dshift, out_again = bwd(x2, dout, signs, alpha_t, kind, block_size, bits, signed, mode,
-                                                _dtype_name(cdt), act, scale, shift, ln_eps, out is None, codes, mask,
-                                                stat)
+                                                _dtype_name(cdt), act, scale, shift, ln_eps, out is None)
         out = out_again if out is None else out
         dws = [(dy.t() @ out[i]).to(wdt) for i, (dy, wdt) in enumerate(zip(dys, ctx.weight_dtypes))]
         # summed in fp32: a bf16-output sum gave eager and CUDA-graph-replayed steps different bias

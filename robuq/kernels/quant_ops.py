@@ -57,12 +57,9 @@ X16_TILES = True
 # Rotate the gradient back with one bf16 product per factor (False) or the exact hi/lo split (True).
 # dx leaves the kernel in bf16 anyway; the split doubled the backward's tensor-core work.
 GRAD_SPLIT = False
-# The backward from the forward's codes (``rotate_quantize_backward(saved=...)``) splits the second
-# product of its one rotation: its step gradient takes <Rot^T(m G), x d> in the input basis, which
-# the bf16 rounding of that product would move by ~2e-3 (the rotated-basis sum's precision is ~1e-5).
-FROM_CODES_SPLIT = True
-# Round codes with one cvt.rni instruction (libdevice rint) instead of floor and a tie fix-up (the
-# same results; the CPU interpreter always takes the latter).
+# Round codes with one cvt.rni instruction (libdevice rint) instead of floor and a tie fix-up: the
+# same codes, ~20% off both kernels on an H200 (docs/PERFORMANCE.md, P54); the CPU interpreter
+# always takes the fix-up.
 RINT_ROUNDING = True
 NUM_WARPS: dict[int, int] = {}
 NUM_STAGES: dict[str, int | None] = {"forward": 1, "backward": 2}  # None: the compiler default
@@ -135,7 +132,6 @@ def rotate_quantize(
     out: str | None = None,  # None | "scaled" (q * s_t) | "codes" (q)
     out_dtype: torch.dtype = torch.bfloat16,
     want_stat: bool = False,
-    want_mask: bool = False,
     split: bool = True,
     round_to_bf16: bool = False,
     act: str | None = None,
@@ -148,9 +144,7 @@ def rotate_quantize(
 
     ``round_to_bf16``: round an fp32 x to bf16 as it is loaded (what bf16 autocast does to a
     linear's input), which runs the faster bf16 tile. Returns a dict with 's' [G, M] fp32 and, as
-    asked, 'i8' / 'f8' / 'out' [G, M, K], 'stat' [M] and 'mask' [G, M, K / 8] uint8: the clamp mask,
-    8 elements per byte (element i of a token in bit i % 8 of byte i // 8), which with the codes and
-    the statistic lets the backward skip the rotation (``rotate_quantize_backward(saved=...)``).
+    asked, 'i8' / 'f8' / 'out' [G, M, K] and 'stat' [M].
     """
     if x.dim() != 2 or x.shape[1] != lay.dim:
         raise ValueError(f"rotate_quantize expects [M, {lay.dim}], got {tuple(x.shape)}")
@@ -166,21 +160,16 @@ def rotate_quantize(
     f8 = torch.empty(g, m, k, device=dev, dtype=torch.float8_e4m3fn) if want_f8 else dummy
     o = torch.empty(g, m, k, device=dev, dtype=out_dtype) if out else dummy
     st = torch.empty(m, device=dev, dtype=torch.float32) if want_stat else dummy
-    if want_mask and lay.P % 8:
-        raise ValueError(f"rotate_quantize: want_mask packs 8 elements of a token row per byte; the {lay.dim}-wide "
-                         f"layout has rows of {lay.P}")
-    mk = torch.empty(g, m, k // 8, device=dev, dtype=torch.uint8) if want_mask else dummy
     if m:
         tdt = _tile_dtype(x, round_to_bf16)
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, dev, _factor_dtype())
         grid = _grid(m, dev, lay)
         tq.rotq_fwd_kernel[grid](
-            x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st, scale, shift, mk,
+            x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st, scale, shift,
             m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
             per_sample, stride_mod, NORM=norm is not None, LN_EPS=ln_eps,
             G=g, RELOAD=_reload(lay, backward=False), STAGES=_stages(lay, tdt, backward=False),
             W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
-            W_MASK=want_mask,
             num_warps=_warps(lay), **_common(lay, bits, signed, mode, tdt, split, act),
         )
     if want_i8:
@@ -191,8 +180,6 @@ def rotate_quantize(
         res["out"] = o
     if want_stat:
         res["stat"] = st
-    if want_mask:
-        res["mask"] = mk
     return res
 
 
@@ -226,7 +213,6 @@ def rotate_quantize_backward(
     act: str | None = None,
     norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     out_dtype: torch.dtype | None = None,
-    saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(dx [M, K] in x's dtype, ga = per-token dL/dalpha) for the LSQ straight-through gradient.
 
@@ -238,11 +224,6 @@ def rotate_quantize_backward(
     forward's adaLN, see ``rotate_quantize``) dx is the residual stream's gradient and two more
     results follow: dL/dscale and dL/dshift [B, K] in scale's dtype. With ``out_dtype``, a last result
     follows: the forward's ``q * s_t`` [G, M, K] (``rotate_quantize(out="scaled")``) in that dtype.
-
-    ``saved = (codes, mask, stat)`` from the forward (one quantizer, static or rms): its e4m3 codes
-    [1, M, K] or its ``q * s_t``, ``mask`` and ``stat``. The kernel then takes the masks and codes
-    from them and rotates only the gradient back (one rotation instead of recomputing the forward's
-    as well; ``triton_quant._lsq_grad_from_codes``); the gradients are the same to rounding.
     """
     grouped = grad.dim() == 3
     if x.dim() != 2 or x.shape[1] != lay.dim or grad.shape[grouped:] != x.shape or (
@@ -269,17 +250,15 @@ def rotate_quantize_backward(
     else:
         dscale = dshift = ga
     o = torch.empty(g, m, k, device=x.device, dtype=out_dtype) if out_dtype is not None else ga
-    codes, mk, st = _check_saved(saved, g, m, k, mode) if saved is not None else (ga, ga, ga)
     if m:
         tdt = _tile_dtype(x, round_to_bf16)
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, x.device, _factor_dtype())
         tq.rotq_bwd_kernel[grid](
             x, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
-            scale, shift, dscale, dshift, o, codes, mk, st, m, n_iter, x.stride(0), grad.stride(-2), alpha.stride(0),
+            scale, shift, dscale, dshift, o, m, n_iter, x.stride(0), grad.stride(-2), alpha.stride(0),
             1 if alpha.shape[1] > 1 else 0, m * k, per_sample, stride_mod, chunks, G=g, NORM=norm is not None,
             LN_EPS=ln_eps, W_OUT=out_dtype is not None, num_warps=_warps(lay), RELOAD=_reload(lay, backward=True),
-            STAGES=_stages(lay, tdt, backward=True), FROM_CODES=_from_codes_id(saved),
-            **_grad_splits(saved is not None, tdt),
+            STAGES=_stages(lay, tdt, backward=True), GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16,
             **_common(lay, bits, signed, mode, tdt, split, act),
         )
     ga = ga if grouped else ga[0]
@@ -291,32 +270,3 @@ def rotate_quantize_backward(
     if out_dtype is not None:
         res += (o if grouped else o[0],)
     return res
-
-
-def _grad_splits(from_codes: bool, tdt: torch.dtype) -> dict[str, bool]:
-    """hi/lo splits of the two products of the gradient rotation (see GRAD_SPLIT, FROM_CODES_SPLIT):
-    the first product's operand is the 16-bit gradient itself on the saved-codes path."""
-    exact = GRAD_SPLIT or tdt != torch.bfloat16
-    if from_codes:
-        return dict(GSPLIT1=exact, GSPLIT2=exact or FROM_CODES_SPLIT)
-    return dict(GSPLIT1=exact, GSPLIT2=exact)
-
-
-def _from_codes_id(saved) -> int:
-    """The kernel's FROM_CODES: 0 recompute the rotation, 1 e4m3 codes, 2 the forward's q * s_t."""
-    if saved is None:
-        return 0
-    return 1 if saved[0].dtype == torch.float8_e4m3fn else 2
-
-
-def _check_saved(saved, g: int, m: int, k: int, mode: int):
-    """(codes, mask, stat) of ``rotate_quantize_backward(saved=...)``, checked."""
-    codes, mk, st = saved
-    if g != 1 or mode == MODE_IDS["absmax"]:
-        raise ValueError("rotate_quantize_backward: saved codes serve one quantizer (G = 1) in static or rms "
-                         "mode; an absmax statistic's gradient needs the rotated argmax, so recompute (saved=None)")
-    if codes.shape != (1, m, k) or mk.shape != (1, m, k // 8) or mk.dtype != torch.uint8 or st.shape != (m,):
-        raise ValueError(f"rotate_quantize_backward: saved must be the forward's codes [1, {m}, {k}], mask "
-                         f"[1, {m}, {k // 8}] uint8 and stat [{m}] (rotate_quantize(want_mask=True, "
-                         f"want_stat=True)); got {tuple(codes.shape)}, {tuple(mk.shape)} {mk.dtype}, {tuple(st.shape)}")
-    return codes.contiguous(), mk.contiguous(), st.float().contiguous()

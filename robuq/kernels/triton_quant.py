@@ -56,7 +56,7 @@ from ._compat import INTERPRET  # noqa: E402  (patches the CPU interpreter when 
 @triton.jit
 def _round_half_even(v, RINT: tl.constexpr = False):
     """Round to nearest, ties to even: one ``cvt.rni`` instruction (libdevice rint) on the GPU with
-    RINT, else floor and tie fix-up (the CPU interpreter has no libdevice)."""
+    RINT, else floor and a tie fix-up (the CPU interpreter has no libdevice)."""
     if RINT:
         return libdevice.rint(v)
     f = tl.floor(v + 0.5)
@@ -222,24 +222,6 @@ def _load_factors(LEFT, RIGHT, l_offs, r_offs):
 
 
 @triton.jit
-def _store_mask_bits(ptr, inr, ok, ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr):
-    """Store a token's [MP, P] boolean tile ``inr`` (its ROWS real rows) as K / 8 bytes at ``ptr``:
-    element i of the token goes to bit i % 8 of byte i // 8."""
-    ri = tl.arange(0, MP)
-    bits = tl.where(inr, 1, 0) << (tl.arange(0, P)[None, :] % 8)
-    packed = tl.sum(tl.reshape(bits, (MP, P // 8, 8)), axis=2)
-    offs = ri[:, None] * (P // 8) + tl.arange(0, P // 8)[None, :]
-    tl.store(ptr + offs, packed.to(tl.uint8), mask=(ri[:, None] < ROWS) & ok)
-
-
-@triton.jit
-def _load_mask_bits(ptr, offs, mtok):
-    """A token's boolean tile stored by ``_store_mask_bits`` at ``ptr`` (``offs``: element offsets)."""
-    byte = tl.load(ptr + offs // 8, mask=mtok, other=0).to(tl.int32)
-    return ((byte >> (offs % 8)) & 1) != 0
-
-
-@triton.jit
 def _token_of(pid, it, nprog, M):
     """(token, valid) of a program's it-th sweep: the last sweep repeats the final token (valid is
     False; its writes are masked)."""
@@ -249,7 +231,7 @@ def _token_of(pid, it, nprog, M):
 
 @triton.jit
 def rotq_fwd_kernel(
-    X, SIGNS, LEFT, RIGHT, ALPHA, CODES_I8, CODES_F8, OUT, S, STAT, SCALE, SHIFT, MASKB,
+    X, SIGNS, LEFT, RIGHT, ALPHA, CODES_I8, CODES_F8, OUT, S, STAT, SCALE, SHIFT,
     M, n_iter, stride_x, alpha_sg, alpha_st, codes_sg, s_sg, tokens_per_sample, stride_mod,
     ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
     QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr,
@@ -257,7 +239,7 @@ def rotq_fwd_kernel(
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr,
     W_I8: tl.constexpr, W_F8: tl.constexpr, W_OUT: tl.constexpr, OUT_SCALED: tl.constexpr, W_STAT: tl.constexpr,
-    W_MASK: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr, ACT: tl.constexpr,
+    RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr, ACT: tl.constexpr,
     NORM: tl.constexpr, LN_EPS: tl.constexpr, RINT: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -284,11 +266,8 @@ def rotq_fwd_kernel(
             tl.store(STAT + t, st, mask=ok)
         for g in tl.static_range(G):
             alpha, s = _token_step(ALPHA + g * alpha_sg + t * alpha_st, st, MODE)
-            v = y / s
-            q = _quantize(v, QN, QP, SIGN1, RINT)
+            q = _quantize(y / s, QN, QP, SIGN1, RINT)
             base = g * codes_sg + t * K + offs
-            if W_MASK:  # the clamp mask, 8 elements per byte, for a backward that reads the codes
-                _store_mask_bits(MASKB + (g * codes_sg + t * K) // 8, (v >= -QN) & (v <= QP), ok, ROWS, MP, P)
             if W_I8:
                 tl.store(CODES_I8 + base, q.to(tl.int8), mask=mtok)
             if W_F8:
@@ -301,75 +280,19 @@ def rotq_fwd_kernel(
             tl.store(S + g * s_sg + t, s, mask=ok)
 
 
-@triton.jit
-def _rotate_back(dy, LT, R, ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
-                 SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr, SQRT_N: tl.constexpr):
-    """The transposed rotation A dy B^T / sqrt(n) (B = B^T), without the signs."""
-    if ROTATE:
-        if HAS_LEFT:
-            if R_FIRST:
-                dx = _right(_left(LT, dy, SPLIT1, DOT_DT), R, SPLIT2, DOT_DT)
-            else:
-                dx = _left(LT, _right(dy, R, SPLIT1, DOT_DT), SPLIT2, DOT_DT)
-        else:
-            dx = _right(dy, R, SPLIT1, DOT_DT)
-        dx = dx / SQRT_N
-    else:
-        dx = dy
-    return dx
-
-
-@triton.jit
-def _lsq_grad_from_codes(x, grad_ptrs, code_ptrs, mask_ptr, stat_ptr, alpha_ptr, ga_ptr, out_ptrs, offs, mtok, ok,
-                         L, R, LT, QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr,
-                         K: tl.constexpr, ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
-                         SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr, SQRT_N: tl.constexpr,
-                         EPS: tl.constexpr, W_OUT: tl.constexpr, FROM_CODES: tl.constexpr, RINT: tl.constexpr):
-    """One quantizer's LSQ backward of one token from the forward's codes, clamp mask and statistic,
-    without the forward rotation: with m the mask and u = Rot^T(m G) (one rotation, the only one),
-    Rot orthonormal and y = Rot(x d), sum_i m_i G_i y_i = <u, x d> and Rot^T(y) = x d, so
-
-        gs_t = sum_i G_i q_i - <u, x d> / s_t,     dx d = u + gs_t alpha_t / (K stat_t) x d   (rms)
-
-    Returns dx d (the caller applies the signs). FROM_CODES = 1: e4m3 codes; 2: the forward's
-    q * s_t (q = round(q * s_t / s_t), exact for |q| < 256 in bf16)."""
-    st = tl.load(stat_ptr)
-    alpha, s = _token_step(alpha_ptr, st, MODE)
-    c = tl.load(code_ptrs, mask=mtok, other=0.0).to(tl.float32)
-    if FROM_CODES == 2:
-        q = _round_half_even(c / s, RINT)
-    else:
-        q = c
-    if W_OUT:  # the forward's q * s_t again (same codes, same step), for the weight gradient
-        tl.store(out_ptrs, (q * s).to(out_ptrs.dtype.element_ty), mask=mtok)
-    inr = _load_mask_bits(mask_ptr, offs, mtok)
-    gr = tl.load(grad_ptrs, mask=mtok, other=0.0)
-    w = tl.where(inr, gr, 0.0).to(tl.float32)
-    u = _rotate_back(w, LT, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
-    xf = x.to(tl.float32)
-    gs = tl.sum(tl.sum(gr.to(tl.float32) * q, axis=1), axis=0) - tl.sum(tl.sum(u * xf, axis=1), axis=0) / s
-    if MODE == 1:
-        u += tl.where(st > EPS, gs * alpha / (K * st), 0.0) * xf
-    if MODE == 0:
-        tl.store(ga_ptr, gs, mask=ok)
-    else:
-        tl.store(ga_ptr, gs * st, mask=ok)
-    return u
-
-
 # n_iter is not specialised: on the H100 the K = 1152 backward compiled for n_iter == 1 (as many
 # programs as tokens) faulted with an illegal memory access (benchmarks/bwd_diag.py, docs/PERFORMANCE.md).
 @triton.jit(do_not_specialize=["n_iter"])
 def rotq_bwd_kernel(
-    X, GRAD, SIGNS, LEFT, RIGHT, LEFT_T, ALPHA, DX, GA, SCALE, SHIFT, DSCALE, DSHIFT, OUT, CODES, MASKB, STAT,
+    X, GRAD, SIGNS, LEFT, RIGHT, LEFT_T, ALPHA, DX, GA, SCALE, SHIFT, DSCALE, DSHIFT, OUT,
     M, n_iter, stride_x, stride_g, alpha_sg, alpha_st, grad_sg, tokens_per_sample, stride_mod, chunks,
     ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
     QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr,
     ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr,
-    GSPLIT1: tl.constexpr, GSPLIT2: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr,
-    W_OUT: tl.constexpr, FROM_CODES: tl.constexpr, RINT: tl.constexpr,
+    GSPLIT: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr, W_OUT: tl.constexpr,
+    RINT: tl.constexpr,
 ):
     # B (Sylvester) is symmetric, so the transposed rotation is A dy B: no B^T needed.
     # NORM: program pid takes a contiguous run of the tokens of sample pid // chunks, so it sums its
@@ -401,40 +324,45 @@ def rotq_bwd_kernel(
             x = _modulated_token(X + t * stride_x + offs, mtok, SCALE + mod, SHIFT + mod, sg, K, LN_EPS, X16)
         else:
             x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
-        if FROM_CODES:
-            dx = _lsq_grad_from_codes(x, GRAD + t * stride_g + offs, CODES + t * K + offs, MASKB + t * (K // 8),
-                                      STAT + t, ALPHA + t * alpha_st, GA + t, OUT + t * K + offs, offs, mtok, ok,
-                                      L, R, LT, QN, QP, SIGN1, MODE, K, ROTATE, HAS_LEFT, R_FIRST, GSPLIT1, GSPLIT2,
-                                      DOT_DT, SQRT_N, EPS, W_OUT, FROM_CODES, RINT)
-        else:
-            y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
-            st_raw = _stat(y, MODE, K, EPS)
-            st = tl.maximum(st_raw, EPS)
-            if MODE == 2:
-                hit = (tl.abs(y) == st_raw) & mask
-                cnt = tl.sum(tl.sum(hit.to(tl.float32), axis=1), axis=0)
-            dy = tl.zeros_like(y)  # the G quantizers' gradients, summed in the rotated basis
-            for g in tl.static_range(G):
-                alpha, s = _token_step(ALPHA + g * alpha_sg + t * alpha_st, st, MODE)
-                v = y / s
-                inr = (v >= -QN) & (v <= QP) & mask
-                q = _quantize(v, QN, QP, SIGN1, RINT)
-                if W_OUT:  # the forward's q * s_t again (same y, same rounding), for the weight gradient
-                    tl.store(OUT + g * grad_sg + t * K + offs, (q * s).to(OUT.dtype.element_ty), mask=mtok)
-                gr = tl.load(GRAD + g * grad_sg + t * stride_g + offs, mask=mtok, other=0.0).to(tl.float32)
-                gs = tl.sum(tl.sum(gr * (q - tl.where(inr, v, 0.0)), axis=1), axis=0)
-                dy += tl.where(inr, gr, 0.0)
-                if MODE == 1:
-                    coef = tl.where(st_raw > EPS, gs * alpha / (K * st), 0.0)
-                    dy += coef * y
-                elif MODE == 2:
-                    coef = tl.where(st_raw > EPS, gs * alpha / cnt, 0.0)
-                    dy += tl.where(hit, tl.where(y >= 0, coef, -coef), 0.0)
-                if MODE == 0:
-                    tl.store(GA + g * M + t, gs, mask=ok)
+        y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
+        st_raw = _stat(y, MODE, K, EPS)
+        st = tl.maximum(st_raw, EPS)
+        if MODE == 2:
+            hit = (tl.abs(y) == st_raw) & mask
+            cnt = tl.sum(tl.sum(hit.to(tl.float32), axis=1), axis=0)
+        dy = tl.zeros_like(y)  # the G quantizers' gradients, summed in the rotated basis
+        for g in tl.static_range(G):
+            alpha, s = _token_step(ALPHA + g * alpha_sg + t * alpha_st, st, MODE)
+            v = y / s
+            inr = (v >= -QN) & (v <= QP) & mask
+            q = _quantize(v, QN, QP, SIGN1, RINT)
+            if W_OUT:  # the forward's q * s_t again (same y, same rounding), for the weight gradient
+                tl.store(OUT + g * grad_sg + t * K + offs, (q * s).to(OUT.dtype.element_ty), mask=mtok)
+            gr = tl.load(GRAD + g * grad_sg + t * stride_g + offs, mask=mtok, other=0.0).to(tl.float32)
+            gs = tl.sum(tl.sum(gr * (q - tl.where(inr, v, 0.0)), axis=1), axis=0)
+            dy += tl.where(inr, gr, 0.0)
+            if MODE == 1:
+                coef = tl.where(st_raw > EPS, gs * alpha / (K * st), 0.0)
+                dy += coef * y
+            elif MODE == 2:
+                coef = tl.where(st_raw > EPS, gs * alpha / cnt, 0.0)
+                dy += tl.where(hit, tl.where(y >= 0, coef, -coef), 0.0)
+            if MODE == 0:
+                tl.store(GA + g * M + t, gs, mask=ok)
+            else:
+                tl.store(GA + g * M + t, gs * st, mask=ok)
+        # transpose of the rotation: dx = A dy B^T / sqrt(n), times the signs
+        if ROTATE:
+            if HAS_LEFT:
+                if R_FIRST:
+                    dx = _right(_left(LT, dy, GSPLIT, DOT_DT), R, GSPLIT, DOT_DT)
                 else:
-                    tl.store(GA + g * M + t, gs * st, mask=ok)
-            dx = _rotate_back(dy, LT, R, ROTATE, HAS_LEFT, R_FIRST, GSPLIT1, GSPLIT2, DOT_DT, SQRT_N)
+                    dx = _left(LT, _right(dy, R, GSPLIT, DOT_DT), GSPLIT, DOT_DT)
+            else:
+                dx = _right(dy, R, GSPLIT, DOT_DT)
+            dx = dx / SQRT_N
+        else:
+            dx = dy
         dx = dx * sg
         if ACT == 1:  # through the GELU: reload h (L1/L2-resident) rather than hold it in registers
             h = tl.load(X + t * stride_x + offs, mask=mtok, other=0.0).to(tl.float32)
