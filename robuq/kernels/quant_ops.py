@@ -41,8 +41,9 @@ def _sm_count(index: int) -> int:
 
 
 # Launch settings, swept on an H100 by benchmarks/quant_sweep.py (docs/PERFORMANCE.md): persistent
-# programs per SM (8; 4 for the [64, 128] tile of K = 4608, where registers allow no more and 8
-# queued programs were 5% slower); warps per program by token tile size MP * P (4 everywhere: at
+# programs per SM (8; 4 for the [64, 128] tile of K = 4608 with the exact rotation, where registers
+# allow no more and 8 queued programs were 5% slower; the one-rounding forward keeps 8 there, P59 on
+# an H200: 116.7 -> 96.8 us); warps per program by token tile size MP * P (4 everywhere: at
 # K = 4608 8 warps took 2x longer, 16 warps 4x); software-pipelining depth of the per-token loop:
 # two stages in the backward (the next token's x and dy load while this one computes: 66 -> 60 us
 # at K = 1152, 324 -> 278 us at K = 4608 with bf16 input; finite, deterministic and within 4e-3
@@ -50,7 +51,7 @@ def _sm_count(index: int) -> int:
 # where the prefetched tile cost registers (0.42 -> 0.69 ms); one in the forward (two were 3-10%
 # slower).
 PROGRAMS_PER_SM = 8
-PROGRAMS_PER_SM_BY_TILE: dict[int, int] = {64 * 128: 4}
+PROGRAMS_PER_SM_BY_TILE: dict[tuple[int, bool], int] = {(64 * 128, True): 4}  # (tile size, exact rotation)
 # bf16 input: keep the token tile and the sign pattern in bf16 (exact: the signs are +-1) instead
 # of fp32, halving their registers (benchmarks/quant_sweep.py --x16 compares both).
 X16_TILES = True
@@ -65,10 +66,10 @@ NUM_WARPS: dict[int, int] = {}
 NUM_STAGES: dict[str, int | None] = {"forward": 1, "backward": 2}  # None: the compiler default
 
 
-def _grid(m: int, device: torch.device, lay: RotationLayout) -> tuple[int]:
+def _grid(m: int, device: torch.device, lay: RotationLayout, split: bool = True) -> tuple[int]:
     if tq.INTERPRET or device.type != "cuda":
         return (max(1, min(m, 2)),)
-    per_sm = PROGRAMS_PER_SM_BY_TILE.get(lay.MP * lay.P, PROGRAMS_PER_SM)
+    per_sm = PROGRAMS_PER_SM_BY_TILE.get((lay.MP * lay.P, split), PROGRAMS_PER_SM)
     return (max(1, min(m, _sm_count(device.index or 0) * per_sm)),)
 
 
@@ -163,7 +164,7 @@ def rotate_quantize(
     if m:
         tdt = _tile_dtype(x, round_to_bf16)
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, dev, _factor_dtype())
-        grid = _grid(m, dev, lay)
+        grid = _grid(m, dev, lay, split)
         tq.rotq_fwd_kernel[grid](
             x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st, scale, shift,
             m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,

@@ -158,7 +158,8 @@ def _left(L, z, SPLIT: tl.constexpr, DOT_DT: tl.constexpr):
 
 @triton.jit
 def _rotate(x, L, R, ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
-            SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr, SQRT_N: tl.constexpr):
+            SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr):
+    """A^T X B unnormalised (fp32): the kernels fold 1 / sqrt(n) into per-token scalars."""
     if ROTATE:
         if HAS_LEFT:
             if R_FIRST:
@@ -167,18 +168,18 @@ def _rotate(x, L, R, ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.c
                 y = _right(_left(L, x, SPLIT1, DOT_DT), R, SPLIT2, DOT_DT)
         else:
             y = _right(x, R, SPLIT1, DOT_DT)
-        y = y / SQRT_N
     else:
         y = x.to(tl.float32)
     return y
 
 
 @triton.jit
-def _stat(y, MODE: tl.constexpr, K: tl.constexpr, EPS: tl.constexpr):
+def _stat(y, MODE: tl.constexpr, K: tl.constexpr, SQRT_N: tl.constexpr):
+    """The per-token statistic of the rotated token y / SQRT_N, from the unnormalised y."""
     if MODE == 1:
-        st = tl.sqrt(tl.sum(tl.sum(y * y, axis=1), axis=0) / K)
+        st = tl.sqrt(tl.sum(tl.sum(y * y, axis=1), axis=0) / K) / SQRT_N
     elif MODE == 2:
-        st = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
+        st = tl.max(tl.max(tl.abs(y), axis=1), axis=0) / SQRT_N
     else:
         st = tl.full((), 1.0, tl.float32)
     return st
@@ -259,14 +260,14 @@ def rotq_fwd_kernel(
             x = _modulated_token(X + t * stride_x + offs, mtok, SCALE + mod, SHIFT + mod, sg, K, LN_EPS, X16)
         else:
             x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
-        y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
-        st = _stat(y, MODE, K, EPS)
+        y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT)  # sqrt(n) * the rotated token
+        st = _stat(y, MODE, K, SQRT_N)
         st = tl.maximum(st, EPS)
         if W_STAT:
             tl.store(STAT + t, st, mask=ok)
         for g in tl.static_range(G):
             alpha, s = _token_step(ALPHA + g * alpha_sg + t * alpha_st, st, MODE)
-            q = _quantize(y / s, QN, QP, SIGN1, RINT)
+            q = _quantize(y * (1.0 / (s * SQRT_N)), QN, QP, SIGN1, RINT)
             base = g * codes_sg + t * K + offs
             if W_I8:
                 tl.store(CODES_I8 + base, q.to(tl.int8), mask=mtok)
@@ -324,16 +325,16 @@ def rotq_bwd_kernel(
             x = _modulated_token(X + t * stride_x + offs, mtok, SCALE + mod, SHIFT + mod, sg, K, LN_EPS, X16)
         else:
             x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
-        y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT, SQRT_N)
-        st_raw = _stat(y, MODE, K, EPS)
+        y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT)  # sqrt(n) * the forward's
+        st_raw = _stat(y, MODE, K, SQRT_N)
         st = tl.maximum(st_raw, EPS)
         if MODE == 2:
-            hit = (tl.abs(y) == st_raw) & mask
+            hit = (tl.abs(y) == tl.max(tl.max(tl.abs(y), axis=1), axis=0)) & mask
             cnt = tl.sum(tl.sum(hit.to(tl.float32), axis=1), axis=0)
         dy = tl.zeros_like(y)  # the G quantizers' gradients, summed in the rotated basis
         for g in tl.static_range(G):
             alpha, s = _token_step(ALPHA + g * alpha_sg + t * alpha_st, st, MODE)
-            v = y / s
+            v = y * (1.0 / (s * SQRT_N))  # as the forward computes it
             inr = (v >= -QN) & (v <= QP) & mask
             q = _quantize(v, QN, QP, SIGN1, RINT)
             if W_OUT:  # the forward's q * s_t again (same y, same rounding), for the weight gradient
@@ -343,7 +344,7 @@ def rotq_bwd_kernel(
             dy += tl.where(inr, gr, 0.0)
             if MODE == 1:
                 coef = tl.where(st_raw > EPS, gs * alpha / (K * st), 0.0)
-                dy += coef * y
+                dy += (coef / SQRT_N) * y
             elif MODE == 2:
                 coef = tl.where(st_raw > EPS, gs * alpha / cnt, 0.0)
                 dy += tl.where(hit, tl.where(y >= 0, coef, -coef), 0.0)
@@ -360,7 +361,7 @@ def rotq_bwd_kernel(
                     dx = _left(LT, _right(dy, R, GSPLIT, DOT_DT), GSPLIT, DOT_DT)
             else:
                 dx = _right(dy, R, GSPLIT, DOT_DT)
-            dx = dx / SQRT_N
+            dx = dx * (1.0 / SQRT_N)
         else:
             dx = dy
         dx = dx * sg
