@@ -4,6 +4,7 @@ distance of the standardised token to N(0, 1)) of its inputs, before and after t
 Hadamard rotation.
 
     python benchmarks/activation_stats.py --out docs/assets/activation_stats
+    python benchmarks/activation_stats.py --rotation block --block_size 64 --out docs/assets/activation_stats_block64
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ def main():
     p.add_argument("--teacher", default="checkpoints/fmnist_dit_teacher")
     p.add_argument("--data_root", default=None)
     p.add_argument("--batch", type=int, default=40)
-    p.add_argument("--rotation", default="kronecker")
+    p.add_argument("--rotation", default="kronecker", choices=["kronecker", "block", "none"])
+    p.add_argument("--block_size", type=int, default=None,
+                   help="rotation=block: block size (64 = one head of the Fashion-MNIST teacher)")
     p.add_argument("--out", default="docs/assets/activation_stats")
     args = p.parse_args()
 
     teacher = load_dit(args.teacher).eval()
     model = copy.deepcopy(teacher)  # rotations only: activations and weights left in full precision
-    quantize_(model, QuantConfig(act_bits=16, weight="none", rotation=args.rotation))
+    quantize_(model, QuantConfig(act_bits=16, weight="none", rotation=args.rotation, block_size=args.block_size))
     images, labels = load_fashion_mnist(*([args.data_root] if args.data_root else []), split="test")
     g = torch.Generator().manual_seed(0)
     x0 = to_latent(images[: args.batch])
