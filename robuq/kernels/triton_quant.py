@@ -326,11 +326,14 @@ def rotq_bwd_kernel(
         else:
             x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
         y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT)  # sqrt(n) * the forward's
-        st_raw = _stat(y, MODE, K, SQRT_N)
-        st = tl.maximum(st_raw, EPS)
-        if MODE == 2:
-            hit = (tl.abs(y) == tl.max(tl.max(tl.abs(y), axis=1), axis=0)) & mask
+        if MODE == 2:  # the argmax elements of |y| get the statistic's gradient
+            amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
+            st_raw = amax / SQRT_N  # = _stat(y, 2, K, SQRT_N), the reduction taken once
+            hit = (tl.abs(y) == amax) & mask
             cnt = tl.sum(tl.sum(hit.to(tl.float32), axis=1), axis=0)
+        else:
+            st_raw = _stat(y, MODE, K, SQRT_N)
+        st = tl.maximum(st_raw, EPS)
         dy = tl.zeros_like(y)  # the G quantizers' gradients, summed in the rotated basis
         for g in tl.static_range(G):
             alpha, s = _token_step(ALPHA + g * alpha_sg + t * alpha_st, st, MODE)
