@@ -10,6 +10,8 @@ bytes floor (read x bf16, write e4m3 codes; backward: read x and dy, write dx) a
 --kinds block none also times the block-diagonal H_128 rotation and no rotation at all, which says
 how much of a kernel's time the rotation products take (at K = 4608 all three use the same tile).
 --rint 0 1 times the codes rounded by floor and a tie fix-up (0) against one cvt.rni (1, the default).
+--unroll 0 2 unrolls the per-token loop by 2 (two tokens' chains interleaved) against the compiler's
+choice (0).
 """
 
 import argparse
@@ -44,6 +46,8 @@ def main():
                     help="rotation of the token (block: block-diagonal H_128)")
     ap.add_argument("--rint", nargs="+", type=int, default=[1], choices=[0, 1],
                     help="round with libdevice rint (1, quant_ops.RINT_ROUNDING) or floor and a tie fix-up (0)")
+    ap.add_argument("--unroll", nargs="+", type=int, default=[0],
+                    help="unroll factor of the per-token loop (quant_ops.LOOP_UNROLL; 0: the compiler's choice)")
     args = ap.parse_args()
     m = args.tokens
     x = torch.empty(m, 8192, device="cuda", dtype=torch.bfloat16)
@@ -52,7 +56,8 @@ def main():
     bw = 2 * x.numel() * 2 / (copy * 1e-3)  # bytes/s, read + write
     print(f"GPU {torch.cuda.get_device_name()} | copy {bw / 1e12:.2f} TB/s")
     rows = []
-    quant_ops.PROGRAMS_PER_SM_BY_TILE.clear()  # the sweep sets PROGRAMS_PER_SM for every tile
+    quant_ops.PROGRAMS_PER_SM_BY_TILE.clear()  # the sweep sets PROGRAMS_PER_SM and LOOP_UNROLL for every tile
+    quant_ops.LOOP_UNROLL_BY_TILE.clear()
     for k, kind in itertools.product(args.dims, args.kinds):
         lay = rotation_layout(k, kind, 128 if kind == "block" else None)
         tile = lay.MP * lay.P
@@ -61,12 +66,15 @@ def main():
         signs = torch.ones(k, device="cuda")
         alpha = torch.full((1, 1), 0.5, device="cuda")
         floor_f, floor_b = (m * k * 3) / bw * 1e6, (m * k * 6) / bw * 1e6  # us
-        for warps, per_sm, reload, split, x16, gsplit, stages, rint in itertools.product(
+        for warps, per_sm, reload, split, x16, gsplit, stages, rint, unroll in itertools.product(
                 args.warps, args.per_sm, (False, True) if args.reload else (False,), (True, False),
                 (True, False) if args.x16 else (True,), (False, True) if args.grad_split else (False,), args.stages,
-                args.rint):
+                args.rint, args.unroll):
+            setting = dict(K=k, kind=kind, warps=warps, programs_per_sm=per_sm, reload=reload, split=split, x16=x16,
+                           grad_split=gsplit, stages=stages, rint=rint, unroll=unroll)
             quant_ops.NUM_WARPS[tile], quant_ops.PROGRAMS_PER_SM = warps, per_sm
             quant_ops.RINT_ROUNDING = bool(rint)
+            quant_ops.LOOP_UNROLL.update(forward=unroll or None, backward=unroll or None)
             quant_ops.X16_TILES, quant_ops.GRAD_SPLIT = x16, gsplit
             quant_ops.NUM_STAGES.update(forward=stages, backward=stages)
             quant_ops.RELOAD_ABOVE.update(forward=0 if reload else 1 << 30, backward=0 if reload else 1 << 30)
@@ -75,24 +83,24 @@ def main():
                 bwd = gbench(lambda: rotate_quantize_backward(x, dy, signs, lay, alpha.reshape(1), 2, True, 1,
                                                               split=split)) * 1e3
             except Exception as e:  # a setting the compiler rejects (e.g. out of shared memory / registers)
-                print(f"K={k} kind={kind} warps={warps} per_sm={per_sm} reload={reload} split={split} x16={x16} grad_split={gsplit} stages={stages} rint={rint}: "
-                      f"{type(e).__name__}")
+                print(" ".join(f"{a}={b}" for a, b in setting.items()) + f": {type(e).__name__}: {str(e)[:200]}")
                 continue
-            rows.append(dict(K=k, kind=kind, warps=warps, programs_per_sm=per_sm, reload=reload, split=split, x16=x16, grad_split=gsplit, stages=stages, rint=rint,
-                             fwd_us=round(fwd, 1), bwd_us=round(bwd, 1), fwd_floor_us=round(floor_f, 1),
+            rows.append(dict(setting, fwd_us=round(fwd, 1), bwd_us=round(bwd, 1), fwd_floor_us=round(floor_f, 1),
                              bwd_floor_us=round(floor_b, 1)))
             print(json.dumps(rows[-1]), flush=True)
     quant_ops.NUM_WARPS.clear()
     quant_ops.X16_TILES, quant_ops.GRAD_SPLIT, quant_ops.RINT_ROUNDING = True, False, True
+    quant_ops.LOOP_UNROLL.update(forward=None, backward=None)
     for k, kind, split, x16, gsplit in itertools.product(args.dims, args.kinds, (True, False), (True, False), (False, True)):
         sub = [r for r in rows if r["K"] == k and r["kind"] == kind and r["split"] == split and r["x16"] == x16 and r["grad_split"] == gsplit]
         if sub:
             bf = min(sub, key=lambda r: r["fwd_us"])
             bb = min(sub, key=lambda r: r["bwd_us"])
             print(f"best K={k} kind={kind} split={split} x16={x16} grad_split={gsplit}: fwd {bf['fwd_us']} us (floor {bf['fwd_floor_us']}) with "
-                  f"warps={bf['warps']} per_sm={bf['programs_per_sm']} reload={bf['reload']} stages={bf['stages']}; "
+                  f"warps={bf['warps']} per_sm={bf['programs_per_sm']} reload={bf['reload']} stages={bf['stages']} "
+                  f"unroll={bf['unroll']}; "
                   f"bwd {bb['bwd_us']} us (floor {bb['bwd_floor_us']}) with warps={bb['warps']} "
-                  f"per_sm={bb['programs_per_sm']} reload={bb['reload']} stages={bb['stages']}")
+                  f"per_sm={bb['programs_per_sm']} reload={bb['reload']} stages={bb['stages']} unroll={bb['unroll']}")
     if args.json:
         json.dump(dict(copy_tb_s=bw / 1e12, rows=rows), open(args.json, "w"), indent=1)
 

@@ -64,6 +64,12 @@ GRAD_SPLIT = False
 RINT_ROUNDING = True
 NUM_WARPS: dict[int, int] = {}
 NUM_STAGES: dict[str, int | None] = {"forward": 1, "backward": 2}  # None: the compiler default
+# Unroll factor of the per-token loop (None: the compiler's choice), by direction, and by token tile
+# and direction where a sweep found better (benchmarks/quant_sweep.py --unroll; H200, P60): two
+# tokens per iteration overlap their chains in the K = 4608 exact forward (129.6 -> 125.0 us at 4
+# programs/SM); it slowed the one-rounding forward at its 8/SM, the K = 1152 forward and the backwards.
+LOOP_UNROLL: dict[str, int | None] = {"forward": None, "backward": None}
+LOOP_UNROLL_BY_TILE: dict[tuple[int, str, bool], int] = {(64 * 128, "forward", True): 2}  # (tile, way, exact)
 
 
 def _grid(m: int, device: torch.device, lay: RotationLayout, split: bool = True) -> tuple[int]:
@@ -73,10 +79,13 @@ def _grid(m: int, device: torch.device, lay: RotationLayout, split: bool = True)
     return (max(1, min(m, _sm_count(device.index or 0) * per_sm)),)
 
 
-def _stages(lay: RotationLayout, x_dtype: torch.dtype, backward: bool) -> int | None:
+def _loop(lay: RotationLayout, x_dtype: torch.dtype, backward: bool, split: bool) -> dict:
+    """The token loop's constexprs: pipelining depth and unroll factor."""
+    way = "backward" if backward else "forward"
+    stages = NUM_STAGES[way]
     if backward and x_dtype != torch.bfloat16 and lay.MP * lay.P >= 64 * 128:
-        return 1
-    return NUM_STAGES["backward" if backward else "forward"]
+        stages = 1
+    return dict(STAGES=stages, UNROLL=LOOP_UNROLL_BY_TILE.get((lay.MP * lay.P, way, split), LOOP_UNROLL[way]))
 
 
 def _warps(lay: RotationLayout) -> int:
@@ -169,7 +178,7 @@ def rotate_quantize(
             x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st, scale, shift,
             m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
             per_sample, stride_mod, NORM=norm is not None, LN_EPS=ln_eps,
-            G=g, RELOAD=_reload(lay, backward=False), STAGES=_stages(lay, tdt, backward=False),
+            G=g, RELOAD=_reload(lay, backward=False), **_loop(lay, tdt, backward=False, split=split),
             W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
             num_warps=_warps(lay), **_common(lay, bits, signed, mode, tdt, split, act),
         )
@@ -200,6 +209,12 @@ def _norm_args(norm, x: torch.Tensor, act: str | None, dummy: torch.Tensor, call
     return scale, shift, float(eps), m // scale.shape[0], scale.stride(0)
 
 
+def norm_chunks(m: int, samples: int, device: torch.device, lay: RotationLayout) -> int:
+    """Programs per sample of the backward kernel with the adaLN in front (each sums its own run of
+    the sample's tokens): the rows of its partial scale and shift gradients."""
+    return max(1, min(m // samples, _grid(m, device, lay)[0] // samples))
+
+
 def rotate_quantize_backward(
     x: torch.Tensor,
     grad: torch.Tensor,
@@ -214,6 +229,7 @@ def rotate_quantize_backward(
     act: str | None = None,
     norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     out_dtype: torch.dtype | None = None,
+    norm_partials: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """(dx [M, K] in x's dtype, ga = per-token dL/dalpha) for the LSQ straight-through gradient.
 
@@ -223,7 +239,9 @@ def rotate_quantize_backward(
     ``round_to_bf16`` and ``act`` must be what the forward used (the rotation is recomputed from x);
     with ``act``, dx is the gradient with respect to the pre-activation x. With ``norm`` (the
     forward's adaLN, see ``rotate_quantize``) dx is the residual stream's gradient and two more
-    results follow: dL/dscale and dL/dshift [B, K] in scale's dtype. With ``out_dtype``, a last result
+    results follow: dL/dscale and dL/dshift [B, K] in scale's dtype (``norm_partials``: the programs'
+    fp32 partial sums [chunks, B, K] instead, whose sum over dim 0 the caller takes, e.g. inside a
+    compiled graph where it fuses with the consumer; ``norm_chunks`` gives chunks). With ``out_dtype``, a last result
     follows: the forward's ``q * s_t`` [G, M, K] (``rotate_quantize(out="scaled")``) in that dtype.
     """
     grouped = grad.dim() == 3
@@ -244,7 +262,7 @@ def rotate_quantize_backward(
     n_iter, chunks = triton_cdiv(m, grid[0]), 1
     if norm is not None:  # programs in runs of one sample's tokens; partial scale/shift gradients
         b = m // per_sample
-        chunks = max(1, min(per_sample, grid[0] // b))
+        chunks = norm_chunks(m, b, x.device, lay)
         grid, n_iter = (b * chunks,), triton_cdiv(per_sample, chunks)
         dscale = torch.empty(chunks, b, k, device=x.device, dtype=torch.float32)
         dshift = torch.empty_like(dscale)
@@ -259,7 +277,7 @@ def rotate_quantize_backward(
             scale, shift, dscale, dshift, o, m, n_iter, x.stride(0), grad.stride(-2), alpha.stride(0),
             1 if alpha.shape[1] > 1 else 0, m * k, per_sample, stride_mod, chunks, G=g, NORM=norm is not None,
             LN_EPS=ln_eps, W_OUT=out_dtype is not None, num_warps=_warps(lay), RELOAD=_reload(lay, backward=True),
-            STAGES=_stages(lay, tdt, backward=True), GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16,
+            **_loop(lay, tdt, backward=True, split=split), GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16,
             **_common(lay, bits, signed, mode, tdt, split, act),
         )
     ga = ga if grouped else ga[0]
@@ -267,7 +285,7 @@ def rotate_quantize_backward(
     if norm is not None:
         if not m:
             dscale.zero_(), dshift.zero_()
-        res += (dscale.sum(0).to(norm[0].dtype), dshift.sum(0).to(norm[0].dtype))
+        res += (dscale, dshift) if norm_partials else (dscale.sum(0).to(norm[0].dtype), dshift.sum(0).to(norm[0].dtype))
     if out_dtype is not None:
         res += (o if grouped else o[0],)
     return res

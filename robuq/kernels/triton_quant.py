@@ -241,7 +241,7 @@ def rotq_fwd_kernel(
     SQRT_N: tl.constexpr, EPS: tl.constexpr,
     W_I8: tl.constexpr, W_F8: tl.constexpr, W_OUT: tl.constexpr, OUT_SCALED: tl.constexpr, W_STAT: tl.constexpr,
     RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr, ACT: tl.constexpr,
-    NORM: tl.constexpr, LN_EPS: tl.constexpr, RINT: tl.constexpr,
+    NORM: tl.constexpr, LN_EPS: tl.constexpr, RINT: tl.constexpr, UNROLL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -250,7 +250,7 @@ def rotq_fwd_kernel(
     if not RELOAD:
         L, R = _load_factors(LEFT, RIGHT, l_offs, r_offs)
     K: tl.constexpr = ROWS * P
-    for it in tl.range(0, n_iter, num_stages=STAGES):  # STAGES > 1: next token's loads overlap
+    for it in tl.range(0, n_iter, num_stages=STAGES, loop_unroll_factor=UNROLL):  # STAGES > 1: next token's loads overlap
         t, ok = _token_of(pid, it, nprog, M)
         mtok = mask & ok
         if RELOAD:  # large tiles: keep the factors out of registers (L1/L2-resident reloads)
@@ -293,7 +293,7 @@ def rotq_bwd_kernel(
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr,
     GSPLIT: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr, W_OUT: tl.constexpr,
-    RINT: tl.constexpr,
+    RINT: tl.constexpr, UNROLL: tl.constexpr,
 ):
     # B (Sylvester) is symmetric, so the transposed rotation is A dy B: no B^T needed.
     # NORM: program pid takes a contiguous run of the tokens of sample pid // chunks, so it sums its
@@ -309,7 +309,7 @@ def rotq_bwd_kernel(
     sample = pid // chunks
     acc_sc = tl.zeros([MP, P], tl.float32)
     acc_sh = tl.zeros([MP, P], tl.float32)
-    for it in tl.range(0, n_iter, num_stages=STAGES):  # STAGES > 1: next token's loads overlap
+    for it in tl.range(0, n_iter, num_stages=STAGES, loop_unroll_factor=UNROLL):  # STAGES > 1: next token's loads overlap
         if NORM:
             j = (pid % chunks) * n_iter + it
             ok = j < tokens_per_sample

@@ -196,7 +196,61 @@ def check_compiled_fused_path():
             eager, compiled = run(net), run(torch.compile(net))
             torch._dynamo.reset()
             assert all(rel(c, e) < 1e-5 for c, e in zip(compiled, eager)), in_backward
+    compiled_dit_block_norms()
+    fakes_match_the_kernels()
     print("compiled fused path ok")
+
+
+def fakes_match_the_kernels():
+    """torch.library.opcheck: each custom op's fake kernel (what torch.compile plans with) gives the
+    shapes, dtypes and strides of the real outputs, incl. the adaLN gradients' partial sums."""
+    import robuq.kernels.qat as qat
+
+    torch.manual_seed(11)
+    k, b, t = 192, 3, 8
+    x, signs = torch.randn(b * t, k), torch.where(torch.rand(k) < 0.5, -1.0, 1.0)
+    alpha, grad, emb = torch.full((2, 1), 0.6), torch.randn(2, b * t, k), torch.randn(b, 2 * k) * 0.3
+    for scale, shift in [(None, None), (emb[:, :k], emb[:, k:])]:
+        torch.library.opcheck(qat.rotq_fwd, (x, signs, alpha, "kronecker", 0, 2, True, 1, "float32", True, "",
+                                             scale, shift, 1e-6, True), test_utils="test_faketensor")
+        torch.library.opcheck(qat.rotq_bwd, (x, grad, signs, alpha, "kronecker", 0, 2, True, 1, "float32", "",
+                                             scale, shift, 1e-6, True), test_utils="test_faketensor")
+    torch.library.opcheck(qat.ternary_fp8, (torch.randn(40, k), "bfloat16", 1e-8), test_utils="test_faketensor")
+
+
+def compiled_dit_block_norms():
+    """A QAT DiT block with the adaLN inside the kernels, compiled: the backward op's fake gives the
+    shape of the adaLN gradients' partial sums (summed in the graph), and the ternary weights come
+    from the ``robuq::ternary_fp8`` op; output and gradients as eager."""
+    from diffusers import DiTTransformer2DModel
+
+    from robuq.models import disable_label_dropout
+
+    with fp8_forward_on_cpu():
+        torch.manual_seed(10)
+        model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=48, in_channels=1, out_channels=1,
+                                      num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+        disable_label_dropout(model)
+        quantize_(model, QuantConfig(act_bits=2))
+        x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 700]), torch.tensor([1, 3])
+        model(x, timestep=t, class_labels=y)
+        use_fused_kernels(model, fuse_norms=True)
+        block = model.transformer_blocks[0]
+        outs = []
+        for compiled in (False, True):
+            model.transformer_blocks[0] = torch.compile(block) if compiled else block
+            xi = x.clone().requires_grad_()
+            out = model(xi, timestep=t, class_labels=y).sample
+            (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+            grads = {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            outs.append(dict(grads, out=out, dx=xi.grad))
+            model.zero_grad(set_to_none=True)
+        model.transformer_blocks[0] = block
+        torch._dynamo.reset()
+        eager, comp = outs
+        assert eager.keys() == comp.keys()
+        for name, e in eager.items():  # (to_k's bias has a zero gradient: only rounding noise is left)
+            assert rel(comp[name], e) < 1e-5 or (comp[name] - e).norm() < 1e-6, (name, rel(comp[name], e))
 
 
 def check_fused_qkv():
