@@ -12,6 +12,9 @@ how much of a kernel's time the rotation products take (at K = 4608 all three us
 --rint 0 1 times the codes rounded by floor and a tie fix-up (0) against one cvt.rni (1, the default).
 --unroll 0 2 unrolls the per-token loop by 2 (two tokens' chains interleaved) against the compiler's
 choice (0).
+--qat_launches times instead the four launches of a DiT-XL/2 block's QAT step as the fused path
+makes them (q/k/v: three quantizers and the adaLN in front; out; fc1: the adaLN; fc2), forward
+(e4m3 codes) and backward (with the weight gradient's input), at the shipped settings.
 """
 
 import argparse
@@ -48,6 +51,7 @@ def main():
                     help="round with libdevice rint (1, quant_ops.RINT_ROUNDING) or floor and a tie fix-up (0)")
     ap.add_argument("--unroll", nargs="+", type=int, default=[0],
                     help="unroll factor of the per-token loop (quant_ops.LOOP_UNROLL; 0: the compiler's choice)")
+    ap.add_argument("--qat_launches", action="store_true", help="time a DiT block's four QAT launches instead")
     args = ap.parse_args()
     m = args.tokens
     x = torch.empty(m, 8192, device="cuda", dtype=torch.bfloat16)
@@ -55,6 +59,8 @@ def main():
     copy = gbench(lambda: y.copy_(x))
     bw = 2 * x.numel() * 2 / (copy * 1e-3)  # bytes/s, read + write
     print(f"GPU {torch.cuda.get_device_name()} | copy {bw / 1e12:.2f} TB/s")
+    if args.qat_launches:
+        return qat_launches(m, bw, args.json)
     rows = []
     quant_ops.PROGRAMS_PER_SM_BY_TILE.clear()  # the sweep sets PROGRAMS_PER_SM and LOOP_UNROLL for every tile
     quant_ops.LOOP_UNROLL_BY_TILE.clear()
@@ -103,6 +109,37 @@ def main():
                   f"per_sm={bb['programs_per_sm']} reload={bb['reload']} stages={bb['stages']} unroll={bb['unroll']}")
     if args.json:
         json.dump(dict(copy_tb_s=bw / 1e12, rows=rows), open(args.json, "w"), indent=1)
+
+
+def qat_launches(m: int, bw: float, json_path: str | None, samples: int = 32, blocks: int = 28):
+    """GPU us of each rotate+quantize launch of a DiT-XL/2 block's QAT step (A2, rms, bf16 input,
+    exact rotation): the forward writes e4m3 codes, the backward the weight gradient's input too."""
+    rows = []
+    for name, k, g, norm in [("q/k/v (adaLN)", 1152, 3, True), ("out", 1152, 1, False), ("fc1 (adaLN)", 1152, 1, True),
+                             ("fc2", 4608, 1, False)]:
+        lay = rotation_layout(k, "kronecker", None)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        grad = torch.randn(g, m, k, device="cuda", dtype=torch.bfloat16)
+        signs = torch.where(torch.rand(k, device="cuda") < 0.5, -1.0, 1.0)
+        alpha = torch.full((g, 1), 0.5, device="cuda")
+        mod = torch.randn(samples, 2 * k, device="cuda", dtype=torch.bfloat16) * 0.3
+        kw = dict(norm=(mod[:, :k], mod[:, k:], 1e-6)) if norm else {}
+        fwd = gbench(lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, **kw)) * 1e3
+        bwd = gbench(lambda: rotate_quantize_backward(x, grad, signs, lay, alpha, 2, True, 1, out_dtype=torch.bfloat16,
+                                                      **kw)) * 1e3
+        # bytes: forward reads x, writes G code tensors; backward reads x and G gradients, writes dx and G inputs
+        floor_f, floor_b = m * k * (2 + g) / bw * 1e6, m * k * (2 + 4 * g + 2) / bw * 1e6
+        rows.append(dict(launch=name, K=k, G=g, norm=norm, fwd_us=round(fwd, 1), bwd_us=round(bwd, 1),
+                         fwd_floor_us=round(floor_f, 1), bwd_floor_us=round(floor_b, 1)))
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{m} tokens, A2 rms, exact rotation, GPU us per launch (floor: bytes at the copy rate)")
+    print("| launch | fwd | fwd floor | bwd | bwd floor |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['launch']} | {r['fwd_us']} | {r['fwd_floor_us']} | {r['bwd_us']} | {r['bwd_floor_us']} |")
+    tf, tb = sum(r["fwd_us"] for r in rows) * blocks / 1e3, sum(r["bwd_us"] for r in rows) * blocks / 1e3
+    print(f"x {blocks} blocks: forward {tf:.2f} ms, backward {tb:.2f} ms per step")
+    if json_path:
+        json.dump(dict(copy_tb_s=bw / 1e12, rows=rows), open(json_path, "w"), indent=1)
 
 
 if __name__ == "__main__":

@@ -124,14 +124,13 @@ def _normalized(ptrs, mask, K: tl.constexpr, LN_EPS: tl.constexpr):
 
 
 @triton.jit
-def _modulated_token(ptrs, mask, sc_ptrs, sh_ptrs, sg, K: tl.constexpr, LN_EPS: tl.constexpr, X16: tl.constexpr):
-    """adaLN: LayerNorm(x) * (1 + scale) + shift (no affine; scale and shift of the token's sample),
-    in fp32, rounded once to x's dtype, times d. Padded elements stay 0 (scale and shift load as 0)."""
-    x, xhat, _ = _normalized(ptrs, mask, K, LN_EPS)
-    sc = tl.load(sc_ptrs, mask=mask, other=0.0).to(tl.float32)
-    sh = tl.load(sh_ptrs, mask=mask, other=0.0).to(tl.float32)
-    y = (xhat * (1.0 + sc) + sh).to(x.dtype)
-    return _signed(y, sg, X16)
+def _modulated_token(ptrs, mask, sc, sh, sg, K: tl.constexpr, LN_EPS: tl.constexpr, X16: tl.constexpr):
+    """adaLN: (LayerNorm(x) * (1 + scale) + shift, rounded once to x's dtype, times d; LayerNorm(x);
+    rstd), in fp32, no affine; sc, sh: the token's sample's scale and shift tiles (padded elements
+    0, so padded outputs stay 0)."""
+    x, xhat, rstd = _normalized(ptrs, mask, K, LN_EPS)
+    y = (xhat * (1.0 + sc.to(tl.float32)) + sh.to(tl.float32)).to(x.dtype)
+    return _signed(y, sg, X16), xhat, rstd
 
 
 @triton.jit
@@ -257,7 +256,9 @@ def rotq_fwd_kernel(
             L, R = _load_factors(LEFT, RIGHT, l_offs, r_offs)
         if NORM:
             mod = (t // tokens_per_sample) * stride_mod + offs
-            x = _modulated_token(X + t * stride_x + offs, mtok, SCALE + mod, SHIFT + mod, sg, K, LN_EPS, X16)
+            sc = tl.load(SCALE + mod, mask=mtok, other=0.0)
+            sh = tl.load(SHIFT + mod, mask=mtok, other=0.0)
+            x, _, _ = _modulated_token(X + t * stride_x + offs, mtok, sc, sh, sg, K, LN_EPS, X16)
         else:
             x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
         y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT)  # sqrt(n) * the rotated token
@@ -309,6 +310,9 @@ def rotq_bwd_kernel(
     sample = pid // chunks
     acc_sc = tl.zeros([MP, P], tl.float32)
     acc_sh = tl.zeros([MP, P], tl.float32)
+    if NORM:  # the program's sample's scale and shift, loaded once
+        sc = tl.load(SCALE + sample * stride_mod + offs, mask=mask, other=0.0)
+        sh = tl.load(SHIFT + sample * stride_mod + offs, mask=mask, other=0.0)
     for it in tl.range(0, n_iter, num_stages=STAGES, loop_unroll_factor=UNROLL):  # STAGES > 1: next token's loads overlap
         if NORM:
             j = (pid % chunks) * n_iter + it
@@ -320,9 +324,8 @@ def rotq_bwd_kernel(
         if RELOAD:  # large tiles: keep the factors out of registers (L1/L2-resident reloads)
             L, R = _load_factors(LEFT, RIGHT, l_offs, r_offs)
             LT = tl.load(LEFT_T + l_offs)
-        mod = sample * stride_mod + offs
-        if NORM:
-            x = _modulated_token(X + t * stride_x + offs, mtok, SCALE + mod, SHIFT + mod, sg, K, LN_EPS, X16)
+        if NORM:  # LayerNorm(x) and rstd stay for the norm's backward below
+            x, xhat, rstd = _modulated_token(X + t * stride_x + offs, mtok, sc, sh, sg, K, LN_EPS, X16)
         else:
             x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
         y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT)  # sqrt(n) * the forward's
@@ -371,11 +374,10 @@ def rotq_bwd_kernel(
         if ACT == 1:  # through the GELU: reload h (L1/L2-resident) rather than hold it in registers
             h = tl.load(X + t * stride_x + offs, mask=mtok, other=0.0).to(tl.float32)
             dx = dx * _gelu_tanh_grad(h)
-        if NORM:  # through the modulation and the LayerNorm (x reloaded, L1/L2-resident)
-            _, xhat, rstd = _normalized(X + t * stride_x + offs, mtok, K, LN_EPS)
+        if NORM:  # through the modulation and the LayerNorm
             acc_sc += dx * xhat
             acc_sh += dx
-            g = dx * (1.0 + tl.load(SCALE + mod, mask=mtok, other=0.0).to(tl.float32))
+            g = dx * (1.0 + sc.to(tl.float32))
             mg = tl.sum(tl.sum(g, axis=1), axis=0) / K
             mgx = tl.sum(tl.sum(g * xhat, axis=1), axis=0) / K
             dx = rstd * (g - mg - xhat * mgx)
