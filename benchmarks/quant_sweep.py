@@ -52,6 +52,8 @@ def main():
     ap.add_argument("--unroll", nargs="+", type=int, default=[0],
                     help="unroll factor of the per-token loop (quant_ops.LOOP_UNROLL; 0: the compiler's choice)")
     ap.add_argument("--qat_launches", action="store_true", help="time a DiT block's four QAT launches instead")
+    ap.add_argument("--launch_sweep", action="store_true",
+                    help="with --qat_launches: also every --per_sm x --stages setting (both directions)")
     args = ap.parse_args()
     m = args.tokens
     x = torch.empty(m, 8192, device="cuda", dtype=torch.bfloat16)
@@ -60,7 +62,7 @@ def main():
     bw = 2 * x.numel() * 2 / (copy * 1e-3)  # bytes/s, read + write
     print(f"GPU {torch.cuda.get_device_name()} | copy {bw / 1e12:.2f} TB/s")
     if args.qat_launches:
-        return qat_launches(m, bw, args.json)
+        return qat_launches(m, bw, args.json, settings=args.launch_sweep and (args.per_sm, args.stages))
     rows = []
     quant_ops.PROGRAMS_PER_SM_BY_TILE.clear()  # the sweep sets PROGRAMS_PER_SM and LOOP_UNROLL for every tile
     quant_ops.LOOP_UNROLL_BY_TILE.clear()
@@ -111,22 +113,18 @@ def main():
         json.dump(dict(copy_tb_s=bw / 1e12, rows=rows), open(args.json, "w"), indent=1)
 
 
-def qat_launches(m: int, bw: float, json_path: str | None, samples: int = 32, blocks: int = 28):
+def qat_launches(m: int, bw: float, json_path: str | None, samples: int = 32, blocks: int = 28, settings=None):
     """GPU us of each rotate+quantize launch of a DiT-XL/2 block's QAT step (A2, rms, bf16 input,
-    exact rotation): the forward writes e4m3 codes, the backward the weight gradient's input too."""
+    exact rotation): the forward writes e4m3 codes, the backward the weight gradient's input too.
+    ``settings = (programs per SM, stages)`` lists: also time each combination (printed as JSON)."""
     rows = []
-    for name, k, g, norm in [("q/k/v (adaLN)", 1152, 3, True), ("out", 1152, 1, False), ("fc1 (adaLN)", 1152, 1, True),
-                             ("fc2", 4608, 1, False)]:
-        lay = rotation_layout(k, "kronecker", None)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        grad = torch.randn(g, m, k, device="cuda", dtype=torch.bfloat16)
-        signs = torch.where(torch.rand(k, device="cuda") < 0.5, -1.0, 1.0)
-        alpha = torch.full((g, 1), 0.5, device="cuda")
-        mod = torch.randn(samples, 2 * k, device="cuda", dtype=torch.bfloat16) * 0.3
-        kw = dict(norm=(mod[:, :k], mod[:, k:], 1e-6)) if norm else {}
-        fwd = gbench(lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, **kw)) * 1e3
-        bwd = gbench(lambda: rotate_quantize_backward(x, grad, signs, lay, alpha, 2, True, 1, out_dtype=torch.bfloat16,
-                                                      **kw)) * 1e3
+    launches = [("q/k/v (adaLN)", 1152, 3, True), ("out", 1152, 1, False), ("fc1 (adaLN)", 1152, 1, True),
+                ("fc2", 4608, 1, False)]
+    if settings:
+        sweep_launches(m, launches, samples, *settings)
+    for name, k, g, norm in launches:
+        _, run_f, run_b = _launch_inputs(m, k, g, norm, samples)
+        fwd, bwd = gbench(run_f) * 1e3, gbench(run_b) * 1e3
         # bytes: forward reads x, writes G code tensors; backward reads x and G gradients, writes dx and G inputs
         floor_f, floor_b = m * k * (2 + g) / bw * 1e6, m * k * (2 + 4 * g + 2) / bw * 1e6
         rows.append(dict(launch=name, K=k, G=g, norm=norm, fwd_us=round(fwd, 1), bwd_us=round(bwd, 1),
@@ -140,6 +138,39 @@ def qat_launches(m: int, bw: float, json_path: str | None, samples: int = 32, bl
     print(f"x {blocks} blocks: forward {tf:.2f} ms, backward {tb:.2f} ms per step")
     if json_path:
         json.dump(dict(copy_tb_s=bw / 1e12, rows=rows), open(json_path, "w"), indent=1)
+
+
+def _launch_inputs(m, k, g, norm, samples):
+    lay = rotation_layout(k, "kronecker", None)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(g, m, k, device="cuda", dtype=torch.bfloat16)
+    signs = torch.where(torch.rand(k, device="cuda") < 0.5, -1.0, 1.0)
+    alpha = torch.full((g, 1), 0.5, device="cuda")
+    mod = torch.randn(samples, 2 * k, device="cuda", dtype=torch.bfloat16) * 0.3
+    kw = dict(norm=(mod[:, :k], mod[:, k:], 1e-6)) if norm else {}
+    fwd = lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, **kw)  # noqa: E731
+    bwd = lambda: rotate_quantize_backward(x, grad, signs, lay, alpha, 2, True, 1, out_dtype=torch.bfloat16, **kw)  # noqa: E731
+    return lay, fwd, bwd
+
+
+def sweep_launches(m, launches, samples, per_sms, stages_list):
+    """Each launch at every programs-per-SM x pipeline-stages setting (the tile's own overrides off)."""
+    saved = (dict(quant_ops.PROGRAMS_PER_SM_BY_TILE), quant_ops.PROGRAMS_PER_SM, dict(quant_ops.NUM_STAGES))
+    for name, k, g, norm in launches:
+        lay, fwd, bwd = _launch_inputs(m, k, g, norm, samples)
+        for per_sm, stages in itertools.product(per_sms, stages_list):
+            quant_ops.PROGRAMS_PER_SM_BY_TILE.clear()
+            quant_ops.PROGRAMS_PER_SM = per_sm
+            quant_ops.NUM_STAGES.update(forward=stages, backward=stages)
+            try:
+                r = dict(launch=name, programs_per_sm=per_sm, stages=stages, fwd_us=round(gbench(fwd) * 1e3, 1),
+                         bwd_us=round(gbench(bwd) * 1e3, 1))
+            except Exception as e:  # out of registers / shared memory
+                r = dict(launch=name, programs_per_sm=per_sm, stages=stages, error=type(e).__name__)
+            print(json.dumps(r), flush=True)
+    quant_ops.PROGRAMS_PER_SM_BY_TILE.update(saved[0])
+    quant_ops.PROGRAMS_PER_SM = saved[1]
+    quant_ops.NUM_STAGES.update(saved[2])
 
 
 if __name__ == "__main__":
