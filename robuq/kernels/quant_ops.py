@@ -261,7 +261,7 @@ def rotate_quantize_backward(
     grid = _grid(m, x.device, lay)
     n_iter, chunks = triton_cdiv(m, grid[0]), 1
     if norm is not None:  # programs in runs of one sample's tokens; partial scale/shift gradients
-        b = m // per_sample
+        b = norm[0].shape[0]  # samples (m // per_sample, also for m = 0)
         chunks = norm_chunks(m, b, x.device, lay)
         grid, n_iter = (b * chunks,), triton_cdiv(per_sample, chunks)
         dscale = torch.empty(chunks, b, k, device=x.device, dtype=torch.float32)

@@ -368,6 +368,15 @@ def check_fused_norm():
                 assert str(e).startswith(f"{name}: norm scale and shift must be [B, 192]"), e
             else:
                 raise AssertionError(f"no error from {name} for a bad norm")
+    # no tokens at all: empty codes, zero adaLN gradients (and their partial sums)
+    empty = x.reshape(-1, k)[:0]
+    norm = (scale, shift, 1e-6)
+    assert rotate_quantize(empty, signs, lay, alpha, 3, True, 1, want_i8=True, norm=norm)["i8"].numel() == 0
+    for partials in (False, True):
+        dx, ga, dsc, dsh = rotate_quantize_backward(empty, grad[:, :0], signs, lay, alpha, 3, True, 1, norm=norm,
+                                                    norm_partials=partials)
+        assert dx.shape == empty.shape and ga.shape == (2, 0)
+        assert dsc.shape[-2:] == scale.shape and not dsc.any() and not dsh.any()
     print("fused norm ok")
 
 
