@@ -241,8 +241,9 @@ def rotate_quantize_backward(
     forward's adaLN, see ``rotate_quantize``) dx is the residual stream's gradient and two more
     results follow: dL/dscale and dL/dshift [B, K] in scale's dtype (``norm_partials``: the programs'
     fp32 partial sums [chunks, B, K] instead, whose sum over dim 0 the caller takes, e.g. inside a
-    compiled graph where it fuses with the consumer; ``norm_chunks`` gives chunks). With ``out_dtype``, a last result
-    follows: the forward's ``q * s_t`` [G, M, K] (``rotate_quantize(out="scaled")``) in that dtype.
+    compiled graph where it fuses with the consumer; ``norm_chunks`` gives chunks). With
+    ``out_dtype``, a last result follows: the forward's ``q * s_t`` [G, M, K]
+    (``rotate_quantize(out="scaled")``) in that dtype.
     """
     grouped = grad.dim() == 3
     if x.dim() != 2 or x.shape[1] != lay.dim or grad.shape[grouped:] != x.shape or (
@@ -285,7 +286,9 @@ def rotate_quantize_backward(
     if norm is not None:
         if not m:
             dscale.zero_(), dshift.zero_()
-        res += (dscale, dshift) if norm_partials else (dscale.sum(0).to(norm[0].dtype), dshift.sum(0).to(norm[0].dtype))
+        if not norm_partials:
+            dscale, dshift = dscale.sum(0).to(norm[0].dtype), dshift.sum(0).to(norm[0].dtype)
+        res += (dscale, dshift)
     if out_dtype is not None:
         res += (o if grouped else o[0],)
     return res

@@ -249,7 +249,8 @@ def rotq_fwd_kernel(
     if not RELOAD:
         L, R = _load_factors(LEFT, RIGHT, l_offs, r_offs)
     K: tl.constexpr = ROWS * P
-    for it in tl.range(0, n_iter, num_stages=STAGES, loop_unroll_factor=UNROLL):  # STAGES > 1: next token's loads overlap
+    # STAGES > 1: the next token's loads overlap this one's work; UNROLL: two tokens' chains interleave
+    for it in tl.range(0, n_iter, num_stages=STAGES, loop_unroll_factor=UNROLL):
         t, ok = _token_of(pid, it, nprog, M)
         mtok = mask & ok
         if RELOAD:  # large tiles: keep the factors out of registers (L1/L2-resident reloads)
@@ -313,7 +314,8 @@ def rotq_bwd_kernel(
     if NORM:  # the program's sample's scale and shift, loaded once
         sc = tl.load(SCALE + sample * stride_mod + offs, mask=mask, other=0.0)
         sh = tl.load(SHIFT + sample * stride_mod + offs, mask=mask, other=0.0)
-    for it in tl.range(0, n_iter, num_stages=STAGES, loop_unroll_factor=UNROLL):  # STAGES > 1: next token's loads overlap
+    # STAGES > 1: the next token's loads overlap this one's work; UNROLL: two tokens' chains interleave
+    for it in tl.range(0, n_iter, num_stages=STAGES, loop_unroll_factor=UNROLL):
         if NORM:
             j = (pid % chunks) * n_iter + it
             ok = j < tokens_per_sample
