@@ -53,7 +53,9 @@ def main():
                     help="unroll factor of the per-token loop (quant_ops.LOOP_UNROLL; 0: the compiler's choice)")
     ap.add_argument("--qat_launches", action="store_true", help="time a DiT block's four QAT launches instead")
     ap.add_argument("--launch_sweep", action="store_true",
-                    help="with --qat_launches: also every --per_sm x --stages setting (both directions)")
+                    help="with --qat_launches: also every --per_sm x --stages x --maxnreg setting (both directions)")
+    ap.add_argument("--maxnreg", type=int, nargs="+", default=[0],
+                    help="with --launch_sweep: register caps per thread (quant_ops.MAX_REGISTERS; 0: none)")
     args = ap.parse_args()
     m = args.tokens
     x = torch.empty(m, 8192, device="cuda", dtype=torch.bfloat16)
@@ -62,7 +64,7 @@ def main():
     bw = 2 * x.numel() * 2 / (copy * 1e-3)  # bytes/s, read + write
     print(f"GPU {torch.cuda.get_device_name()} | copy {bw / 1e12:.2f} TB/s")
     if args.qat_launches:
-        return qat_launches(m, bw, args.json, settings=args.launch_sweep and (args.per_sm, args.stages))
+        return qat_launches(m, bw, args.json, settings=args.launch_sweep and (args.per_sm, args.stages, args.maxnreg))
     rows = []
     quant_ops.PROGRAMS_PER_SM_BY_TILE.clear()  # the sweep sets PROGRAMS_PER_SM and LOOP_UNROLL for every tile
     quant_ops.LOOP_UNROLL_BY_TILE.clear()
@@ -116,7 +118,7 @@ def main():
 def qat_launches(m: int, bw: float, json_path: str | None, samples: int = 32, blocks: int = 28, settings=None):
     """GPU us of each rotate+quantize launch of a DiT-XL/2 block's QAT step (A2, rms, bf16 input,
     exact rotation): the forward writes e4m3 codes, the backward the weight gradient's input too.
-    ``settings = (programs per SM, stages)`` lists: also time each combination (printed as JSON)."""
+    ``settings = (programs per SM, stages, register caps)`` lists: also time each combination (JSON lines)."""
     rows = []
     launches = [("q/k/v (adaLN)", 1152, 3, True), ("out", 1152, 1, False), ("fc1 (adaLN)", 1152, 1, True),
                 ("fc2", 4608, 1, False)]
@@ -153,24 +155,28 @@ def _launch_inputs(m, k, g, norm, samples):
     return lay, fwd, bwd
 
 
-def sweep_launches(m, launches, samples, per_sms, stages_list):
-    """Each launch at every programs-per-SM x pipeline-stages setting (the tile's own overrides off)."""
-    saved = (dict(quant_ops.PROGRAMS_PER_SM_BY_TILE), quant_ops.PROGRAMS_PER_SM, dict(quant_ops.NUM_STAGES))
+def sweep_launches(m, launches, samples, per_sms, stages_list, caps):
+    """Each launch at every programs-per-SM x pipeline-stages x register-cap setting (the tile's own
+    programs-per-SM override off)."""
+    saved = (dict(quant_ops.PROGRAMS_PER_SM_BY_TILE), quant_ops.PROGRAMS_PER_SM, dict(quant_ops.NUM_STAGES),
+             dict(quant_ops.MAX_REGISTERS))
     for name, k, g, norm in launches:
         lay, fwd, bwd = _launch_inputs(m, k, g, norm, samples)
-        for per_sm, stages in itertools.product(per_sms, stages_list):
+        for per_sm, stages, cap in itertools.product(per_sms, stages_list, caps):
             quant_ops.PROGRAMS_PER_SM_BY_TILE.clear()
             quant_ops.PROGRAMS_PER_SM = per_sm
             quant_ops.NUM_STAGES.update(forward=stages, backward=stages)
+            quant_ops.MAX_REGISTERS.update(forward=cap or None, backward=cap or None)
+            r = dict(launch=name, programs_per_sm=per_sm, stages=stages, maxnreg=cap)
             try:
-                r = dict(launch=name, programs_per_sm=per_sm, stages=stages, fwd_us=round(gbench(fwd) * 1e3, 1),
-                         bwd_us=round(gbench(bwd) * 1e3, 1))
+                r.update(fwd_us=round(gbench(fwd) * 1e3, 1), bwd_us=round(gbench(bwd) * 1e3, 1))
             except Exception as e:  # out of registers / shared memory
-                r = dict(launch=name, programs_per_sm=per_sm, stages=stages, error=type(e).__name__)
+                r.update(error=type(e).__name__)
             print(json.dumps(r), flush=True)
     quant_ops.PROGRAMS_PER_SM_BY_TILE.update(saved[0])
     quant_ops.PROGRAMS_PER_SM = saved[1]
     quant_ops.NUM_STAGES.update(saved[2])
+    quant_ops.MAX_REGISTERS.update(saved[3])
 
 
 if __name__ == "__main__":

@@ -70,6 +70,10 @@ NUM_STAGES: dict[str, int | None] = {"forward": 1, "backward": 2}  # None: the c
 # programs/SM); it slowed the one-rounding forward at its 8/SM, the K = 1152 forward and the backwards.
 LOOP_UNROLL: dict[str, int | None] = {"forward": None, "backward": None}
 LOOP_UNROLL_BY_TILE: dict[tuple[int, str, bool], int] = {(64 * 128, "forward", True): 2}  # (tile, way, exact)
+# Register cap per thread (Triton's maxnreg; None: ptxas's choice, up to 255), by direction. The
+# adaLN backwards take 228-255 registers, so 2 programs fit on an SM (benchmarks/kernel_regs.py);
+# a cap trades spills for programs (benchmarks/quant_sweep.py --qat_launches --launch_sweep --maxnreg).
+MAX_REGISTERS: dict[str, int | None] = {"forward": None, "backward": None}
 
 
 def _grid(m: int, device: torch.device, lay: RotationLayout, split: bool = True) -> tuple[int]:
@@ -86,6 +90,12 @@ def _loop(lay: RotationLayout, x_dtype: torch.dtype, backward: bool, split: bool
     if backward and x_dtype != torch.bfloat16 and lay.MP * lay.P >= 64 * 128:
         stages = 1
     return dict(STAGES=stages, UNROLL=LOOP_UNROLL_BY_TILE.get((lay.MP * lay.P, way, split), LOOP_UNROLL[way]))
+
+
+def _register_cap(backward: bool) -> dict:
+    """The launch's ``maxnreg`` option, when MAX_REGISTERS sets one."""
+    cap = MAX_REGISTERS["backward" if backward else "forward"]
+    return {} if cap is None else {"maxnreg": cap}
 
 
 def _warps(lay: RotationLayout) -> int:
@@ -180,7 +190,7 @@ def rotate_quantize(
             per_sample, stride_mod, NORM=norm is not None, LN_EPS=ln_eps,
             G=g, RELOAD=_reload(lay, backward=False), **_loop(lay, tdt, backward=False, split=split),
             W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
-            num_warps=_warps(lay), **_common(lay, bits, signed, mode, tdt, split, act),
+            num_warps=_warps(lay), **_register_cap(backward=False), **_common(lay, bits, signed, mode, tdt, split, act),
         )
     if want_i8:
         res["i8"] = i8
@@ -277,7 +287,8 @@ def rotate_quantize_backward(
             x, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
             scale, shift, dscale, dshift, o, m, n_iter, x.stride(0), grad.stride(-2), alpha.stride(0),
             1 if alpha.shape[1] > 1 else 0, m * k, per_sample, stride_mod, chunks, G=g, NORM=norm is not None,
-            LN_EPS=ln_eps, W_OUT=out_dtype is not None, num_warps=_warps(lay), RELOAD=_reload(lay, backward=True),
+            LN_EPS=ln_eps, W_OUT=out_dtype is not None, num_warps=_warps(lay), **_register_cap(backward=True),
+            RELOAD=_reload(lay, backward=True),
             **_loop(lay, tdt, backward=True, split=split), GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16,
             **_common(lay, bits, signed, mode, tdt, split, act),
         )

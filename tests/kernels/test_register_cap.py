@@ -1,0 +1,36 @@
+"""quant_ops.MAX_REGISTERS reaches the compiler: the kernels compiled offline for sm_90 with
+Triton's bundled ptxas (benchmarks/kernel_regs.py, no GPU) stay within the cap."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.kernel_regs import captured_launches, resource_usage  # noqa: E402
+from robuq.kernels import quant_ops  # noqa: E402
+from robuq.kernels.rotation import rotation_layout  # noqa: E402
+
+
+def _registers(usage: str) -> int:
+    return int(usage.split(" regs")[0])
+
+
+def test_register_cap_reaches_the_compiler(monkeypatch):
+    k = 1152
+    lay = rotation_layout(k, "kronecker", None)
+    x = torch.randn(64, k, dtype=torch.bfloat16)
+    mod = torch.randn(2, 2 * k, dtype=torch.bfloat16)
+    norm = (mod[:, :k], mod[:, k:], 1e-6)
+    regs = {}
+    for cap in (None, 96):
+        monkeypatch.setitem(quant_ops.MAX_REGISTERS, "backward", cap)
+        with captured_launches() as (_, bwd):  # the adaLN backward (fc1's launch)
+            quant_ops.rotate_quantize_backward(x, torch.randn_like(x), torch.ones(k), lay, torch.full((1,), 0.5),
+                                               2, True, 1, norm=norm, out_dtype=torch.bfloat16)
+        assert ("maxnreg" in bwd.call[1]) == (cap is not None)
+        regs[cap] = _registers(resource_usage(bwd, None))
+    assert regs[96] <= 96 < regs[None]
