@@ -72,7 +72,8 @@ LOOP_UNROLL: dict[str, int | None] = {"forward": None, "backward": None}
 LOOP_UNROLL_BY_TILE: dict[tuple[int, str, bool], int] = {(64 * 128, "forward", True): 2}  # (tile, way, exact)
 # Register cap per thread (Triton's maxnreg; None: ptxas's choice, up to 255), by direction. The
 # adaLN backwards take 228-255 registers, so 2 programs fit on an SM (benchmarks/kernel_regs.py);
-# a cap trades spills for programs (benchmarks/quant_sweep.py --qat_launches --launch_sweep --maxnreg).
+# a cap trades spills for programs (benchmarks/quant_sweep.py --qat_launches --launch_sweep
+# --maxnreg; not yet measured on a GPU).
 MAX_REGISTERS: dict[str, int | None] = {"forward": None, "backward": None}
 
 
