@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.quant_sweep import QAT_LAUNCHES  # noqa: E402
 from robuq.kernels import quant_ops  # noqa: E402
 from robuq.kernels import triton_quant as tq  # noqa: E402
 from robuq.kernels.rotation import rotation_layout  # noqa: E402
@@ -104,8 +105,7 @@ def main():
     m, b = args.tokens, args.samples
     print(f"sm_90, ptxas of triton {triton.__version__}, maxnreg {args.maxnreg}")
     print("| launch | forward | backward |\n|---|---|---|")
-    for name, k, g, norm in [("q/k/v (adaLN)", 1152, 3, True), ("out", 1152, 1, False), ("fc1 (adaLN)", 1152, 1, True),
-                             ("fc2", 4608, 1, False)]:
+    for name, k, g, norm in QAT_LAUNCHES:
         lay = rotation_layout(k, "kronecker", None)
         x = torch.randn(m, k, dtype=torch.bfloat16)  # CPU tensors: only dtypes and sizes reach the compiler
         grad = torch.randn(g, m, k, dtype=torch.bfloat16)

@@ -115,16 +115,19 @@ def main():
         json.dump(dict(copy_tb_s=bw / 1e12, rows=rows), open(args.json, "w"), indent=1)
 
 
+# (name, K, quantizers G, adaLN in front) of each rotate+quantize launch of a DiT-XL/2 block's fused QAT step
+QAT_LAUNCHES = [("q/k/v (adaLN)", 1152, 3, True), ("out", 1152, 1, False), ("fc1 (adaLN)", 1152, 1, True),
+                ("fc2", 4608, 1, False)]
+
+
 def qat_launches(m: int, bw: float, json_path: str | None, samples: int = 32, blocks: int = 28, settings=None):
     """GPU us of each rotate+quantize launch of a DiT-XL/2 block's QAT step (A2, rms, bf16 input,
     exact rotation): the forward writes e4m3 codes, the backward the weight gradient's input too.
     ``settings = (programs per SM, stages, register caps)`` lists: also time each combination (JSON lines)."""
     rows = []
-    launches = [("q/k/v (adaLN)", 1152, 3, True), ("out", 1152, 1, False), ("fc1 (adaLN)", 1152, 1, True),
-                ("fc2", 4608, 1, False)]
     if settings:
-        sweep_launches(m, launches, samples, *settings)
-    for name, k, g, norm in launches:
+        sweep_launches(m, QAT_LAUNCHES, samples, *settings)
+    for name, k, g, norm in QAT_LAUNCHES:
         _, run_f, run_b = _launch_inputs(m, k, g, norm, samples)
         fwd, bwd = gbench(run_f) * 1e3, gbench(run_b) * 1e3
         # bytes: forward reads x, writes G code tensors; backward reads x and G gradients, writes dx and G inputs
