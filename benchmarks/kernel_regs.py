@@ -102,6 +102,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--samples", type=int, default=32)
     args = ap.parse_args()
+    if not CUOBJDUMP.exists():
+        sys.exit(f"kernel_regs: {CUOBJDUMP} not found; this needs a Triton wheel that bundles the CUDA tools "
+                 "(the Linux x86_64 / aarch64 wheels from PyPI do)")
     m, b = args.tokens, args.samples
     print(f"sm_90, ptxas of triton {triton.__version__}, maxnreg {args.maxnreg}")
     print("| launch | forward | backward |\n|---|---|---|")
