@@ -24,10 +24,8 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.quant_sweep import QAT_LAUNCHES  # noqa: E402
-from robuq.kernels import quant_ops  # noqa: E402
+from benchmarks.quant_sweep import QAT_LAUNCHES, launch_calls  # noqa: E402
 from robuq.kernels import triton_quant as tq  # noqa: E402
-from robuq.kernels.rotation import rotation_layout  # noqa: E402
 
 _POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int8: "*i8",
             torch.float8_e4m3fn: "*fp8e4nv"}
@@ -59,7 +57,7 @@ def resource_usage(cap: _Capture, maxnreg: int | None, arch: int = 90) -> str:
     args, kwargs = cap.call
     kwargs = dict(kwargs)
     options = {"num_warps": kwargs.pop("num_warps", 4)}
-    reg_cap = maxnreg or kwargs.pop("maxnreg", None)  # (or quant_ops.MAX_REGISTERS's, in the call)
+    reg_cap = maxnreg or kwargs.pop("maxnreg", None)  # (or robuq.kernels.quant_ops.MAX_REGISTERS's, in the call)
     kwargs.pop("maxnreg", None)
     if reg_cap:
         options["maxnreg"] = reg_cap
@@ -109,15 +107,9 @@ def main():
     print(f"sm_90, ptxas of triton {triton.__version__}, maxnreg {args.maxnreg}")
     print("| launch | forward | backward |\n|---|---|---|")
     for name, k, g, norm in QAT_LAUNCHES:
-        lay = rotation_layout(k, "kronecker", None)
-        x = torch.randn(m, k, dtype=torch.bfloat16)  # CPU tensors: only dtypes and sizes reach the compiler
-        grad = torch.randn(g, m, k, dtype=torch.bfloat16)
-        signs, alpha = torch.ones(k), torch.full((g, 1), 0.5)
-        mod = torch.randn(b, 2 * k, dtype=torch.bfloat16)
-        kw = dict(norm=(mod[:, :k], mod[:, k:], 1e-6)) if norm else {}
+        run_f, run_b = launch_calls(m, k, g, norm, b, device="cpu")  # only dtypes and sizes reach the compiler
         with captured_launches() as (fwd, bwd):
-            quant_ops.rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, **kw)
-            quant_ops.rotate_quantize_backward(x, grad, signs, lay, alpha, 2, True, 1, out_dtype=torch.bfloat16, **kw)
+            run_f(), run_b()
         print(f"| {name} | {resource_usage(fwd, args.maxnreg)} | {resource_usage(bwd, args.maxnreg)} |", flush=True)
 
 

@@ -126,9 +126,9 @@ def qat_launches(m: int, bw: float, json_path: str | None, samples: int = 32, bl
     ``settings = (programs per SM, stages, register caps)`` lists: also time each combination (JSON lines)."""
     rows = []
     if settings:
-        sweep_launches(m, QAT_LAUNCHES, samples, *settings)
+        sweep_launches(m, samples, *settings)
     for name, k, g, norm in QAT_LAUNCHES:
-        _, run_f, run_b = _launch_inputs(m, k, g, norm, samples)
+        run_f, run_b = launch_calls(m, k, g, norm, samples)
         fwd, bwd = gbench(run_f) * 1e3, gbench(run_b) * 1e3
         # bytes: forward reads x, writes G code tensors; backward reads x and G gradients, writes dx and G inputs
         floor_f, floor_b = m * k * (2 + g) / bw * 1e6, m * k * (2 + 4 * g + 2) / bw * 1e6
@@ -145,26 +145,27 @@ def qat_launches(m: int, bw: float, json_path: str | None, samples: int = 32, bl
         json.dump(dict(copy_tb_s=bw / 1e12, rows=rows), open(json_path, "w"), indent=1)
 
 
-def _launch_inputs(m, k, g, norm, samples):
+def launch_calls(m, k, g, norm, samples, device="cuda"):
+    """(forward, backward): zero-argument calls of one QAT launch (``QAT_LAUNCHES`` entry) on random inputs."""
     lay = rotation_layout(k, "kronecker", None)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    grad = torch.randn(g, m, k, device="cuda", dtype=torch.bfloat16)
-    signs = torch.where(torch.rand(k, device="cuda") < 0.5, -1.0, 1.0)
-    alpha = torch.full((g, 1), 0.5, device="cuda")
-    mod = torch.randn(samples, 2 * k, device="cuda", dtype=torch.bfloat16) * 0.3
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    grad = torch.randn(g, m, k, device=device, dtype=torch.bfloat16)
+    signs = torch.where(torch.rand(k, device=device) < 0.5, -1.0, 1.0)
+    alpha = torch.full((g, 1), 0.5, device=device)
+    mod = torch.randn(samples, 2 * k, device=device, dtype=torch.bfloat16) * 0.3
     kw = dict(norm=(mod[:, :k], mod[:, k:], 1e-6)) if norm else {}
     fwd = lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, **kw)  # noqa: E731
     bwd = lambda: rotate_quantize_backward(x, grad, signs, lay, alpha, 2, True, 1, out_dtype=torch.bfloat16, **kw)  # noqa: E731
-    return lay, fwd, bwd
+    return fwd, bwd
 
 
-def sweep_launches(m, launches, samples, per_sms, stages_list, caps):
+def sweep_launches(m, samples, per_sms, stages_list, caps):
     """Each launch at every programs-per-SM x pipeline-stages x register-cap setting (the tile's own
     programs-per-SM override off)."""
     saved = (dict(quant_ops.PROGRAMS_PER_SM_BY_TILE), quant_ops.PROGRAMS_PER_SM, dict(quant_ops.NUM_STAGES),
              dict(quant_ops.MAX_REGISTERS))
-    for name, k, g, norm in launches:
-        lay, fwd, bwd = _launch_inputs(m, k, g, norm, samples)
+    for name, k, g, norm in QAT_LAUNCHES:
+        fwd, bwd = launch_calls(m, k, g, norm, samples)
         for per_sm, stages, cap in itertools.product(per_sms, stages_list, caps):
             quant_ops.PROGRAMS_PER_SM_BY_TILE.clear()
             quant_ops.PROGRAMS_PER_SM = per_sm
