@@ -160,10 +160,11 @@ def launch_calls(m, k, g, norm, samples, device="cuda"):
 
 
 def sweep_launches(m, samples, per_sms, stages_list, caps):
-    """Each launch at every programs-per-SM x pipeline-stages x register-cap setting (the tile's own
-    programs-per-SM override off)."""
+    """Each launch at every programs-per-SM x pipeline-stages x register-cap setting (the tile's and
+    the adaLN backward's own overrides off)."""
     saved = (dict(quant_ops.PROGRAMS_PER_SM_BY_TILE), quant_ops.PROGRAMS_PER_SM, dict(quant_ops.NUM_STAGES),
-             dict(quant_ops.MAX_REGISTERS))
+             dict(quant_ops.MAX_REGISTERS), dict(quant_ops.NORM_BACKWARD))
+    quant_ops.NORM_BACKWARD.clear()
     for name, k, g, norm in QAT_LAUNCHES:
         fwd, bwd = launch_calls(m, k, g, norm, samples)
         for per_sm, stages, cap in itertools.product(per_sms, stages_list, caps):
@@ -181,6 +182,7 @@ def sweep_launches(m, samples, per_sms, stages_list, caps):
     quant_ops.PROGRAMS_PER_SM = saved[1]
     quant_ops.NUM_STAGES.update(saved[2])
     quant_ops.MAX_REGISTERS.update(saved[3])
+    quant_ops.NORM_BACKWARD.update(saved[4])
 
 
 if __name__ == "__main__":

@@ -116,17 +116,19 @@ def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8,
 def _rotq_bwd_impl(
     x: torch.Tensor, grad: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
     bits: int, signed: bool, mode: int, out_dtype: str, act: str,
-    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float, want_out: bool,
+    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float, want_out: bool, chunks: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """grad [G, M, K], alpha [G, M or 1] -> (dx [M, K] in x's dtype, per-token dL/dalpha [G, M] fp32,
     the partial sums of dL/dscale and dL/dshift [chunks, B, K] fp32 (empty without the adaLN; summed
     by the caller, so that a compiled graph fuses the sum with its consumer), the forward's q * s_t
-    [G, M, K] out_dtype (if want_out, else empty))."""
+    [G, M, K] out_dtype (if want_out, else empty)). ``chunks`` (``quant_ops.norm_chunks``; ignored
+    without the adaLN) is an argument so that a compiled graph's shapes, and the key Inductor caches
+    it under, follow the launch settings: a cached graph built under other settings is not reused."""
     lay = _layout(x.shape[1], kind, block_size)
     dt = _DTYPES[out_dtype]
     r = rotate_quantize_backward(x, grad, signs, lay, alpha, bits, signed, mode, round_to_bf16=out_dtype == "bfloat16",
                                  act=act or None, norm=_norm(scale, shift, ln_eps), out_dtype=dt if want_out else None,
-                                 norm_partials=True)
+                                 norm_partials=True, chunks=chunks)
     if scale is None:
         r = (*r[:2], x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32), *r[2:])
     return r if want_out else (*r, x.new_empty(0, dtype=dt))
@@ -136,12 +138,9 @@ rotq_bwd = torch.library.custom_op("robuq::rotq_bwd", _rotq_bwd_impl, mutates_ar
 
 
 @rotq_bwd.register_fake
-def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, act, scale, shift, ln_eps, want_out):
-    if scale is None:
-        dn = (0,)
-    else:
-        b = scale.shape[0]
-        dn = (norm_chunks(x.shape[0], b, x.device, _layout(x.shape[1], kind, block_size)), *scale.shape)
+def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, act, scale, shift, ln_eps, want_out,
+      chunks):
+    dn = (0,) if scale is None else (chunks, *scale.shape)
     out = x.new_empty(grad.shape if want_out else (0,), dtype=_DTYPES[out_dtype])
     return (torch.empty_like(x), x.new_empty(grad.shape[0], x.shape[0], dtype=torch.float32),
             x.new_empty(dn, dtype=torch.float32), x.new_empty(dn, dtype=torch.float32), out)
@@ -223,8 +222,10 @@ class FusedQuantLinearFn(torch.autograd.Function):
             for i in range(n):
                 torch.mm(dys[i], wq[i], out=dout[i])
         bwd = torch.ops.robuq.rotq_bwd if torch.compiler.is_compiling() else _rotq_bwd_impl
+        chunks = 1 if scale is None else norm_chunks(x2.shape[0], scale.shape[0], x2.device,
+                                                     _layout(x2.shape[1], kind, block_size), n)
         dx, ga, dscale, dshift, out_again = bwd(x2, dout, signs, alpha_t, kind, block_size, bits, signed, mode,
-                                                _dtype_name(cdt), act, scale, shift, ln_eps, out is None)
+                                                _dtype_name(cdt), act, scale, shift, ln_eps, out is None, chunks)
         out = out_again if out is None else out
         dws = [(dy.t() @ out[i]).to(wdt) for i, (dy, wdt) in enumerate(zip(dys, ctx.weight_dtypes))]
         # summed in fp32: a bf16-output sum gave eager and CUDA-graph-replayed steps different bias

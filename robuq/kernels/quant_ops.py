@@ -41,17 +41,19 @@ def _sm_count(index: int) -> int:
 
 
 # Launch settings, swept on an H100 by benchmarks/quant_sweep.py (docs/PERFORMANCE.md): persistent
-# programs per SM (8; 4 for the [64, 128] tile of K = 4608 with the exact rotation, where registers
-# allow no more and 8 queued programs were 5% slower; the one-rounding forward keeps 8 there, P59 on
-# an H200: 116.7 -> 96.8 us); warps per program by token tile size MP * P (4 everywhere: at
+# programs per SM (8; fewer for the [64, 128] tile of K = 4608 with the exact rotation, where registers
+# allow no more and 8 queued programs were 5% slower, see below; the one-rounding forward keeps 8
+# there, P59 on an H200: 116.7 -> 96.8 us); warps per program by token tile size MP * P (4 everywhere: at
 # K = 4608 8 warps took 2x longer, 16 warps 4x); software-pipelining depth of the per-token loop:
 # two stages in the backward (the next token's x and dy load while this one computes: 66 -> 60 us
 # at K = 1152, 324 -> 278 us at K = 4608 with bf16 input; finite, deterministic and within 4e-3
 # of float64 in benchmarks/bwd_diag.py), except for an fp32 [64, 128] tile (fp32 or fp16 x),
 # where the prefetched tile cost registers (0.42 -> 0.69 ms); one in the forward (two were 3-10%
 # slower).
+# The [64, 128] tile with the exact rotation: 2 programs per SM since P64 (H200 QAT launch sweep: fc2's
+# forward 123.8 -> 119.4 us, backward 228.0 -> 224.1 us against 4).
 PROGRAMS_PER_SM = 8
-PROGRAMS_PER_SM_BY_TILE: dict[tuple[int, bool], int] = {(64 * 128, True): 4}  # (tile size, exact rotation)
+PROGRAMS_PER_SM_BY_TILE: dict[tuple[int, bool], int] = {(64 * 128, True): 2}  # (tile size, exact rotation)
 # bf16 input: keep the token tile and the sign pattern in bf16 (exact: the signs are +-1) instead
 # of fp32, halving their registers (benchmarks/quant_sweep.py --x16 compares both).
 X16_TILES = True
@@ -75,12 +77,18 @@ LOOP_UNROLL_BY_TILE: dict[tuple[int, str, bool], int] = {(64 * 128, "forward", T
 # a cap trades spills for programs (benchmarks/quant_sweep.py --qat_launches --launch_sweep
 # --maxnreg; not yet measured on a GPU).
 MAX_REGISTERS: dict[str, int | None] = {"forward": None, "backward": None}
+# The backward with the adaLN in front, by quantizers per launch (q/k/v: 3, fc1: 1): programs per SM
+# and register cap over the settings above, where the H200 sweep of a DiT block's QAT launches found
+# better (benchmarks/quant_sweep.py --qat_launches --launch_sweep, P64; 2 pipeline stages): q/k/v
+# 182.9 -> 167.5 us at 2 programs per SM, fc1 133.0 -> 106.0 us at 4 per SM and 128 registers. A
+# register cap set in MAX_REGISTERS wins over these.
+NORM_BACKWARD: dict[int, dict[str, int]] = {3: {"programs_per_sm": 2}, 1: {"programs_per_sm": 4, "maxnreg": 128}}
 
 
-def _grid(m: int, device: torch.device, lay: RotationLayout, split: bool = True) -> tuple[int]:
+def _grid(m: int, device: torch.device, lay: RotationLayout, split: bool = True, per_sm: int | None = None) -> tuple[int]:
     if tq.INTERPRET or device.type != "cuda":
         return (max(1, min(m, 2)),)
-    per_sm = PROGRAMS_PER_SM_BY_TILE.get((lay.MP * lay.P, split), PROGRAMS_PER_SM)
+    per_sm = per_sm or PROGRAMS_PER_SM_BY_TILE.get((lay.MP * lay.P, split), PROGRAMS_PER_SM)
     return (max(1, min(m, _sm_count(device.index or 0) * per_sm)),)
 
 
@@ -93,9 +101,9 @@ def _loop(lay: RotationLayout, x_dtype: torch.dtype, backward: bool, split: bool
     return dict(STAGES=stages, UNROLL=LOOP_UNROLL_BY_TILE.get((lay.MP * lay.P, way, split), LOOP_UNROLL[way]))
 
 
-def _register_cap(backward: bool) -> dict:
-    """The launch's ``maxnreg`` option, when MAX_REGISTERS sets one."""
-    cap = MAX_REGISTERS["backward" if backward else "forward"]
+def _register_cap(backward: bool, default: int | None = None) -> dict:
+    """The launch's ``maxnreg`` option, when MAX_REGISTERS (or else the launch's ``default``) sets one."""
+    cap = MAX_REGISTERS["backward" if backward else "forward"] or default
     return {} if cap is None else {"maxnreg": cap}
 
 
@@ -220,10 +228,11 @@ def _norm_args(norm, x: torch.Tensor, act: str | None, dummy: torch.Tensor, call
     return scale, shift, float(eps), m // scale.shape[0], scale.stride(0)
 
 
-def norm_chunks(m: int, samples: int, device: torch.device, lay: RotationLayout) -> int:
-    """Programs per sample of the backward kernel with the adaLN in front (each sums its own run of
-    the sample's tokens): the rows of its partial scale and shift gradients."""
-    return max(1, min(m // samples, _grid(m, device, lay)[0] // samples))
+def norm_chunks(m: int, samples: int, device: torch.device, lay: RotationLayout, g: int) -> int:
+    """Programs per sample of the backward kernel with the adaLN in front and ``g`` quantizers (each
+    sums its own run of the sample's tokens): the rows of its partial scale and shift gradients."""
+    per_sm = NORM_BACKWARD.get(g, {}).get("programs_per_sm")
+    return max(1, min(m // samples, _grid(m, device, lay, per_sm=per_sm)[0] // samples))
 
 
 def rotate_quantize_backward(
@@ -241,6 +250,7 @@ def rotate_quantize_backward(
     norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     out_dtype: torch.dtype | None = None,
     norm_partials: bool = False,
+    chunks: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(dx [M, K] in x's dtype, ga = per-token dL/dalpha) for the LSQ straight-through gradient.
 
@@ -252,7 +262,7 @@ def rotate_quantize_backward(
     forward's adaLN, see ``rotate_quantize``) dx is the residual stream's gradient and two more
     results follow: dL/dscale and dL/dshift [B, K] in scale's dtype (``norm_partials``: the programs'
     fp32 partial sums [chunks, B, K] instead, whose sum over dim 0 the caller takes, e.g. inside a
-    compiled graph where it fuses with the consumer; ``norm_chunks`` gives chunks). With
+    compiled graph where it fuses with the consumer; ``chunks``, by default ``norm_chunks``). With
     ``out_dtype``, a last result follows: the forward's ``q * s_t`` [G, M, K]
     (``rotate_quantize(out="scaled")``) in that dtype.
     """
@@ -271,15 +281,17 @@ def rotate_quantize_backward(
     ga = torch.empty(g, m, device=x.device, dtype=torch.float32)
     scale, shift, ln_eps, per_sample, stride_mod = _norm_args(norm, x, act, ga, "rotate_quantize_backward")
     grid = _grid(m, x.device, lay)
-    n_iter, chunks = triton_cdiv(m, grid[0]), 1
+    n_iter, cap = triton_cdiv(m, grid[0]), None
     if norm is not None:  # programs in runs of one sample's tokens; partial scale/shift gradients
         b = norm[0].shape[0]  # samples (m // per_sample, also for m = 0)
-        chunks = norm_chunks(m, b, x.device, lay)
+        chunks = chunks or norm_chunks(m, b, x.device, lay, g)
+        cap = NORM_BACKWARD.get(g, {}).get("maxnreg")
         grid, n_iter = (b * chunks,), triton_cdiv(per_sample, chunks)
         dscale = torch.empty(chunks, b, k, device=x.device, dtype=torch.float32)
         dshift = torch.empty_like(dscale)
     else:
-        dscale = dshift = ga
+        chunks, dscale = 1, ga
+        dshift = ga
     o = torch.empty(g, m, k, device=x.device, dtype=out_dtype) if out_dtype is not None else ga
     if m:
         tdt = _tile_dtype(x, round_to_bf16)
@@ -288,7 +300,7 @@ def rotate_quantize_backward(
             x, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
             scale, shift, dscale, dshift, o, m, n_iter, x.stride(0), grad.stride(-2), alpha.stride(0),
             1 if alpha.shape[1] > 1 else 0, m * k, per_sample, stride_mod, chunks, G=g, NORM=norm is not None,
-            LN_EPS=ln_eps, W_OUT=out_dtype is not None, num_warps=_warps(lay), **_register_cap(backward=True),
+            LN_EPS=ln_eps, W_OUT=out_dtype is not None, num_warps=_warps(lay), **_register_cap(True, cap),
             RELOAD=_reload(lay, backward=True),
             **_loop(lay, tdt, backward=True, split=split), GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16,
             **_common(lay, bits, signed, mode, tdt, split, act),

@@ -203,7 +203,8 @@ def check_compiled_fused_path():
 
 def fakes_match_the_kernels():
     """torch.library.opcheck: each custom op's fake kernel (what torch.compile plans with) gives the
-    shapes, dtypes and strides of the real outputs, incl. the adaLN gradients' partial sums."""
+    shapes, dtypes and strides of the real outputs, incl. the adaLN gradients' partial sums (in the
+    number of chunks the caller asks for)."""
     import robuq.kernels.qat as qat
 
     torch.manual_seed(11)
@@ -214,7 +215,7 @@ def fakes_match_the_kernels():
         torch.library.opcheck(qat.rotq_fwd, (x, signs, alpha, "kronecker", 0, 2, True, 1, "float32", True, "",
                                              scale, shift, 1e-6, True), test_utils="test_faketensor")
         torch.library.opcheck(qat.rotq_bwd, (x, grad, signs, alpha, "kronecker", 0, 2, True, 1, "float32", "",
-                                             scale, shift, 1e-6, True), test_utils="test_faketensor")
+                                             scale, shift, 1e-6, True, 2), test_utils="test_faketensor")
     torch.library.opcheck(qat.ternary_fp8, (torch.randn(40, k), "bfloat16", 1e-8), test_utils="test_faketensor")
 
 
