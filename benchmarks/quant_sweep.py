@@ -14,7 +14,8 @@ how much of a kernel's time the rotation products take (at K = 4608 all three us
 choice (0).
 --qat_launches times instead the four launches of a DiT-XL/2 block's QAT step as the fused path
 makes them (q/k/v: three quantizers and the adaLN in front; out; fc1: the adaLN; fc2), forward
-(e4m3 codes) and backward (with the weight gradient's input), at the shipped settings.
+(e4m3 codes) and backward (with the weight gradient's input), at the shipped settings; with
+--launch_sweep also at every --per_sm x --stages x --maxnreg setting (--only qkv fc1: those launches).
 """
 
 import argparse
@@ -56,6 +57,8 @@ def main():
                     help="with --qat_launches: also every --per_sm x --stages x --maxnreg setting (both directions)")
     ap.add_argument("--maxnreg", type=int, nargs="+", default=[0],
                     help="with --launch_sweep: register caps per thread (quant_ops.MAX_REGISTERS; 0: none)")
+    ap.add_argument("--only", nargs="+", default=None, choices=[launch_key(n) for n, *_ in QAT_LAUNCHES],
+                    help="with --launch_sweep: sweep only these launches")
     args = ap.parse_args()
     m = args.tokens
     x = torch.empty(m, 8192, device="cuda", dtype=torch.bfloat16)
@@ -64,7 +67,7 @@ def main():
     bw = 2 * x.numel() * 2 / (copy * 1e-3)  # bytes/s, read + write
     print(f"GPU {torch.cuda.get_device_name()} | copy {bw / 1e12:.2f} TB/s")
     if args.qat_launches:
-        return qat_launches(m, bw, args.json, settings=args.launch_sweep and (args.per_sm, args.stages, args.maxnreg))
+        return qat_launches(m, bw, args.json, settings=args.launch_sweep and (args.per_sm, args.stages, args.maxnreg, args.only))
     rows = []
     quant_ops.PROGRAMS_PER_SM_BY_TILE.clear()  # the sweep sets PROGRAMS_PER_SM and LOOP_UNROLL for every tile
     quant_ops.LOOP_UNROLL_BY_TILE.clear()
@@ -123,7 +126,8 @@ QAT_LAUNCHES = [("q/k/v (adaLN)", 1152, 3, True), ("out", 1152, 1, False), ("fc1
 def qat_launches(m: int, bw: float, json_path: str | None, samples: int = 32, blocks: int = 28, settings=None):
     """GPU us of each rotate+quantize launch of a DiT-XL/2 block's QAT step (A2, rms, bf16 input,
     exact rotation): the forward writes e4m3 codes, the backward the weight gradient's input too.
-    ``settings = (programs per SM, stages, register caps)`` lists: also time each combination (JSON lines)."""
+    ``settings = (programs per SM, stages, register caps, launch keys or None)`` lists: also time each
+    combination (JSON lines)."""
     rows = []
     if settings:
         sweep_launches(m, samples, *settings)
@@ -159,13 +163,20 @@ def launch_calls(m, k, g, norm, samples, device="cuda"):
     return fwd, bwd
 
 
-def sweep_launches(m, samples, per_sms, stages_list, caps):
+def launch_key(name: str) -> str:
+    """A QAT_LAUNCHES name as a command-line word: "q/k/v (adaLN)" -> "qkv"."""
+    return name.split()[0].replace("/", "")
+
+
+def sweep_launches(m, samples, per_sms, stages_list, caps, only=None):
     """Each launch at every programs-per-SM x pipeline-stages x register-cap setting (the tile's and
     the adaLN backward's own overrides off)."""
     saved = (dict(quant_ops.PROGRAMS_PER_SM_BY_TILE), quant_ops.PROGRAMS_PER_SM, dict(quant_ops.NUM_STAGES),
              dict(quant_ops.MAX_REGISTERS), dict(quant_ops.NORM_BACKWARD))
     quant_ops.NORM_BACKWARD.clear()
     for name, k, g, norm in QAT_LAUNCHES:
+        if only and launch_key(name) not in only:
+            continue
         fwd, bwd = launch_calls(m, k, g, norm, samples)
         for per_sm, stages, cap in itertools.product(per_sms, stages_list, caps):
             quant_ops.PROGRAMS_PER_SM_BY_TILE.clear()
