@@ -8,8 +8,9 @@ Prints (and writes as JSON with --json):
   2. per-layer GEMM times at DiT-XL/2 shapes with --tokens rows: bf16 F.linear vs our pieces
      (quantize kernel, cuBLAS fp8 _scaled_mm, packed Triton GEMM) and our whole layer;
      the adaLN modulation shape (1152 -> 6912) at one row per sample;
-  3. whole-model forward (random init): bf16 vs packed vs torchao int8 dynamic (where it installs),
-     eager and CUDA graph, peak memory, model weight bytes, and the exported file size;
+  3. whole-model forward (random init): bf16 vs packed vs torchao int8 dynamic (where it installs;
+     eager and under torch.compile, as torchao's docs run it), eager and CUDA graph, peak memory,
+     model weight bytes, and the exported file size;
   4. 250-step DDPM sampling wall time at batch 8 with CFG through RobuQDiTPipeline, eager and
      with CUDAGraphDiT, bf16 vs packed.
 Times are medians of ``triton.testing.do_bench`` (CUDA events); ratios are bf16 time / ours.
@@ -428,8 +429,8 @@ def forward_bench(res, batches, bits, profile_batch=None):
               ("bf16, as sampling runs it", AutocastFP32Input(bf16)), ("ours, as sampling runs it", AutocastFP32Input(packed))]
     ao = torchao_int8(bf16)
     res["torchao"] = ao[0] if isinstance(ao, tuple) else "int8 dynamic activation, int8 weight"
-    if not isinstance(ao, tuple):
-        models.append(("torchao int8", ao))
+    if not isinstance(ao, tuple):  # eager, and compiled as torchao's docs run it
+        models += [("torchao int8", ao), ("torchao int8, compiled", torch.compile(ao))]
     print(f"torchao: {res['torchao']}")
     if profile_batch:
         kernel_profile(res, models[:4], inputs(profile_batch, torch.bfloat16))
@@ -453,8 +454,10 @@ def forward_bench(res, batches, bits, profile_batch=None):
                      "n/a" if None in (entry["bf16"]["graph_ms"], entry["ours"]["graph_ms"])
                      else f"{entry['bf16']['graph_ms'] / entry['ours']['graph_ms']:.2f}x",
                      f"{entry['bf16']['peak_bytes'] / 2**30:.2f}", f"{entry['ours']['peak_bytes'] / 2**30:.2f}"]
-                    + ([f"{entry['torchao int8']['eager_ms']:.2f}", graph_cell(entry["torchao int8"]["graph_ms"])]
-                       if "torchao int8" in entry else ["n/a", "n/a"]))
+                    + ([f"{entry['torchao int8']['eager_ms']:.2f}", graph_cell(entry["torchao int8"]["graph_ms"]),
+                        f"{entry['torchao int8, compiled']['eager_ms']:.2f}",
+                        graph_cell(entry["torchao int8, compiled"]["graph_ms"])]
+                       if "torchao int8" in entry else ["n/a"] * 4))
         out.append(entry)
     res["forward"] = out
     for entry in out:
@@ -473,7 +476,7 @@ def forward_bench(res, batches, bits, profile_batch=None):
               f"graph {graph_cell(b['graph_ms'])} ms, ours {graph_cell(o['graph_ms'])} ms")
     table(f"DiT-XL/2 forward (ms, median), bf16 vs packed W1.58A{bits} (vs torchao int8 dynamic)",
           ["batch", "bf16 eager", "ours eager", "ratio", "bf16 graph", "ours graph", "ratio", "bf16 peak GiB", "ours peak GiB",
-           "torchao eager", "torchao graph"], rows)
+           "torchao eager", "torchao graph", "torchao compiled", "torchao compiled, graph"], rows)
     try:
         sampling_bench(res, [("bf16", bf16), ("ours", packed), ("bf16, contiguous stream", bf16_contiguous),
                              ("ours, fast rotation", fast)])
