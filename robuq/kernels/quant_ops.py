@@ -75,7 +75,7 @@ LOOP_UNROLL_BY_TILE: dict[tuple[int, str, bool], int] = {(64 * 128, "forward", T
 # Register cap per thread (Triton's maxnreg; None: ptxas's choice, up to 255), by direction. The
 # adaLN backwards take 228-255 registers, so 2 programs fit on an SM (benchmarks/kernel_regs.py);
 # a cap trades spills for programs (benchmarks/quant_sweep.py --qat_launches --launch_sweep
-# --maxnreg; not yet measured on a GPU).
+# --maxnreg; H200, P64 and P66: it paid only in fc1's adaLN backward, at one value, NORM_BACKWARD).
 MAX_REGISTERS: dict[str, int | None] = {"forward": None, "backward": None}
 # The backward with the adaLN in front, by quantizers per launch (q/k/v: 3, fc1: 1): programs per SM
 # and register cap over the settings above, where the H200 sweep of a DiT block's QAT launches found
@@ -290,8 +290,7 @@ def rotate_quantize_backward(
         dscale = torch.empty(chunks, b, k, device=x.device, dtype=torch.float32)
         dshift = torch.empty_like(dscale)
     else:
-        chunks, dscale = 1, ga
-        dshift = ga
+        chunks, dscale, dshift = 1, ga, ga
     o = torch.empty(g, m, k, device=x.device, dtype=out_dtype) if out_dtype is not None else ga
     if m:
         tdt = _tile_dtype(x, round_to_bf16)
