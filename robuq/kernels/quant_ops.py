@@ -77,12 +77,16 @@ LOOP_UNROLL_BY_TILE: dict[tuple[int, str, bool], int] = {(64 * 128, "forward", T
 # a cap trades spills for programs (benchmarks/quant_sweep.py --qat_launches --launch_sweep
 # --maxnreg; H200, P64 and P66: it paid only in fc1's adaLN backward, at one value, NORM_BACKWARD).
 MAX_REGISTERS: dict[str, int | None] = {"forward": None, "backward": None}
-# The backward with the adaLN in front, by quantizers per launch (q/k/v: 3, fc1: 1): programs per SM
-# and register cap over the settings above, where the H200 sweep of a DiT block's QAT launches found
-# better (benchmarks/quant_sweep.py --qat_launches --launch_sweep, P64; 2 pipeline stages): q/k/v
-# 182.9 -> 167.5 us at 2 programs per SM, fc1 133.0 -> 106.0 us at 4 per SM and 128 registers. A
+# The backward with the adaLN in front, by token tile and quantizers per launch (DiT-XL/2's K = 1152
+# tile [64, 32]; q/k/v: 3, fc1: 1): programs per SM and register cap over the settings above, where
+# the H200 sweep of a DiT block's QAT launches found better (benchmarks/quant_sweep.py --qat_launches
+# --launch_sweep, P64; 2 pipeline stages): q/k/v 182.9 -> 167.5 us at 2 programs per SM, fc1 133.0
+# -> 106.0 us at 4 per SM and 128 registers. Other tiles were not swept and keep the defaults. A
 # register cap set in MAX_REGISTERS wins over these.
-NORM_BACKWARD: dict[int, dict[str, int]] = {3: {"programs_per_sm": 2}, 1: {"programs_per_sm": 4, "maxnreg": 128}}
+NORM_BACKWARD: dict[tuple[int, int], dict[str, int]] = {
+    (64 * 32, 3): {"programs_per_sm": 2},
+    (64 * 32, 1): {"programs_per_sm": 4, "maxnreg": 128},
+}
 
 
 def _grid(m: int, device: torch.device, lay: RotationLayout, split: bool = True, per_sm: int | None = None) -> tuple[int]:
@@ -231,7 +235,7 @@ def _norm_args(norm, x: torch.Tensor, act: str | None, dummy: torch.Tensor, call
 def norm_chunks(m: int, samples: int, device: torch.device, lay: RotationLayout, g: int) -> int:
     """Programs per sample of the backward kernel with the adaLN in front and ``g`` quantizers (each
     sums its own run of the sample's tokens): the rows of its partial scale and shift gradients."""
-    per_sm = NORM_BACKWARD.get(g, {}).get("programs_per_sm")
+    per_sm = NORM_BACKWARD.get((lay.MP * lay.P, g), {}).get("programs_per_sm")
     return max(1, min(m // samples, _grid(m, device, lay, per_sm=per_sm)[0] // samples))
 
 
@@ -285,7 +289,7 @@ def rotate_quantize_backward(
     if norm is not None:  # programs in runs of one sample's tokens; partial scale/shift gradients
         b = norm[0].shape[0]  # samples (m // per_sample, also for m = 0)
         chunks = chunks or norm_chunks(m, b, x.device, lay, g)
-        cap = NORM_BACKWARD.get(g, {}).get("maxnreg")
+        cap = NORM_BACKWARD.get((lay.MP * lay.P, g), {}).get("maxnreg")
         grid, n_iter = (b * chunks,), triton_cdiv(per_sample, chunks)
         dscale = torch.empty(chunks, b, k, device=x.device, dtype=torch.float32)
         dshift = torch.empty_like(dscale)

@@ -38,20 +38,23 @@ def test_register_cap_reaches_the_compiler(monkeypatch):
 
 
 def test_adaln_backward_launch_settings_reach_the_launch(monkeypatch):
-    """quant_ops.NORM_BACKWARD: the fc1 adaLN backward (one quantizer) is launched with its register
-    cap, the q/k/v one (three) without; a cap in MAX_REGISTERS wins over both."""
+    """quant_ops.NORM_BACKWARD: DiT-XL/2's fc1 adaLN backward (one quantizer) is launched with its
+    register cap, the q/k/v one (three) without, and another width's tile without; a cap in
+    MAX_REGISTERS wins over them."""
     k = 1152
     lay = rotation_layout(k, "kronecker", None)
     x = torch.randn(64, k, dtype=torch.bfloat16)
     mod = torch.randn(2, 2 * k, dtype=torch.bfloat16)
-    norm = (mod[:, :k], mod[:, k:], 1e-6)
 
-    def cap_of(g):
+    def cap_of(g, width=k):
+        xw, nw = x[:, :width], (mod[:, :width], mod[:, k:k + width], 1e-6)
         with captured_launches() as (_, bwd):
-            quant_ops.rotate_quantize_backward(x, torch.randn(g, *x.shape), torch.ones(k), lay, torch.full((g, 1), 0.5),
-                                               2, True, 1, norm=norm, out_dtype=torch.bfloat16)
+            quant_ops.rotate_quantize_backward(xw, torch.randn(g, *xw.shape), torch.ones(width),
+                                               rotation_layout(width, "kronecker", None), torch.full((g, 1), 0.5),
+                                               2, True, 1, norm=nw, out_dtype=torch.bfloat16)
         return bwd.call[1].get("maxnreg")
 
-    assert cap_of(1) == quant_ops.NORM_BACKWARD[1]["maxnreg"] and cap_of(3) is None
+    assert cap_of(1, 768) is None  # [16, 64] tile: not swept
+    assert cap_of(1) == quant_ops.NORM_BACKWARD[lay.MP * lay.P, 1]["maxnreg"] and cap_of(3) is None
     monkeypatch.setitem(quant_ops.MAX_REGISTERS, "backward", 96)
-    assert cap_of(1) == 96 and cap_of(3) == 96
+    assert cap_of(1) == 96 and cap_of(3) == 96 and cap_of(1, 768) == 96
