@@ -372,7 +372,7 @@ def graph_time(model, args):
         return None
 
 
-def forward_bench(res, batches, bits, profile_batch=None):
+def forward_bench(res, batches, bits, profile_batch=None, torchao="both"):
     residual_bench(res, 8192)
     rotation_precision(res)
     teacher = build_xl(torch.float32)
@@ -427,10 +427,12 @@ def forward_bench(res, batches, bits, profile_batch=None):
     models = [("bf16", bf16), ("ours", packed), ("ours, norms apart", norms_apart),
               ("bf16, contiguous stream", bf16_contiguous), ("ours, fast rotation", fast),
               ("bf16, as sampling runs it", AutocastFP32Input(bf16)), ("ours, as sampling runs it", AutocastFP32Input(packed))]
-    ao = torchao_int8(bf16)
+    ao = torchao_int8(bf16) if torchao != "none" else ("not run (--torchao none)",)
     res["torchao"] = ao[0] if isinstance(ao, tuple) else "int8 dynamic activation, int8 weight"
     if not isinstance(ao, tuple):  # eager, and compiled as torchao's docs run it
-        models += [("torchao int8", ao), ("torchao int8, compiled", torch.compile(ao))]
+        models.append(("torchao int8", ao))
+        if torchao == "both":
+            models.append(("torchao int8, compiled", torch.compile(ao)))
     print(f"torchao: {res['torchao']}")
     if profile_batch:
         kernel_profile(res, models[:4], inputs(profile_batch, torch.bfloat16))
@@ -454,10 +456,9 @@ def forward_bench(res, batches, bits, profile_batch=None):
                      "n/a" if None in (entry["bf16"]["graph_ms"], entry["ours"]["graph_ms"])
                      else f"{entry['bf16']['graph_ms'] / entry['ours']['graph_ms']:.2f}x",
                      f"{entry['bf16']['peak_bytes'] / 2**30:.2f}", f"{entry['ours']['peak_bytes'] / 2**30:.2f}"]
-                    + ([f"{entry['torchao int8']['eager_ms']:.2f}", graph_cell(entry["torchao int8"]["graph_ms"]),
-                        f"{entry['torchao int8, compiled']['eager_ms']:.2f}",
-                        graph_cell(entry["torchao int8, compiled"]["graph_ms"])]
-                       if "torchao int8" in entry else ["n/a"] * 4))
+                    + [cell for name in ("torchao int8", "torchao int8, compiled")
+                       for cell in ([f"{entry[name]['eager_ms']:.2f}", graph_cell(entry[name]["graph_ms"])]
+                                    if name in entry else ["n/a", "n/a"])])
         out.append(entry)
     res["forward"] = out
     for entry in out:
@@ -574,6 +575,9 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time every packed-GEMM tile candidate")
     ap.add_argument("--profile", type=int, default=None, metavar="BATCH",
                     help="GPU time per forward by kernel at this batch (torch.profiler), bf16 vs ours")
+    ap.add_argument("--torchao", choices=["both", "eager", "none"], default="both",
+                    help="torchao int8 dynamic rows, where it installs: eager and compiled (torch.compile "
+                         "adds compile time at each batch size), eager only, or none")
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, bits=args.bits)
@@ -585,7 +589,7 @@ def main():
     if not args.no_layers:
         layer_bench(res, args.tokens, args.bits)
     if not args.no_forward:
-        forward_bench(res, args.batches, args.bits, args.profile)
+        forward_bench(res, args.batches, args.bits, args.profile, args.torchao)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 

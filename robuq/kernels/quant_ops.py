@@ -271,6 +271,8 @@ def rotate_quantize_backward(
     (``rotate_quantize(out="scaled")``) in that dtype.
     """
     grouped = grad.dim() == 3
+    if chunks is not None and chunks < 1:
+        raise ValueError(f"rotate_quantize_backward: chunks must be at least 1 (programs per sample), got {chunks}")
     if x.dim() != 2 or x.shape[1] != lay.dim or grad.shape[grouped:] != x.shape or (
             grouped and alpha.shape[0] != grad.shape[0]):
         raise ValueError(f"rotate_quantize_backward expects x [M, {lay.dim}] and grad [M, {lay.dim}] or "
