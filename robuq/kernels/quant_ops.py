@@ -89,6 +89,11 @@ NORM_BACKWARD: dict[tuple[int, int], dict[str, int]] = {
 }
 
 
+def _norm_backward(lay: RotationLayout, g: int) -> dict[str, int]:
+    """This adaLN backward launch's NORM_BACKWARD overrides (empty where none)."""
+    return NORM_BACKWARD.get((lay.MP * lay.P, g), {})
+
+
 def _grid(m: int, device: torch.device, lay: RotationLayout, split: bool = True, per_sm: int | None = None) -> tuple[int]:
     if tq.INTERPRET or device.type != "cuda":
         return (max(1, min(m, 2)),)
@@ -235,7 +240,7 @@ def _norm_args(norm, x: torch.Tensor, act: str | None, dummy: torch.Tensor, call
 def norm_chunks(m: int, samples: int, device: torch.device, lay: RotationLayout, g: int) -> int:
     """Programs per sample of the backward kernel with the adaLN in front and ``g`` quantizers (each
     sums its own run of the sample's tokens): the rows of its partial scale and shift gradients."""
-    per_sm = NORM_BACKWARD.get((lay.MP * lay.P, g), {}).get("programs_per_sm")
+    per_sm = _norm_backward(lay, g).get("programs_per_sm")
     return max(1, min(m // samples, _grid(m, device, lay, per_sm=per_sm)[0] // samples))
 
 
@@ -291,7 +296,7 @@ def rotate_quantize_backward(
     if norm is not None:  # programs in runs of one sample's tokens; partial scale/shift gradients
         b = norm[0].shape[0]  # samples (m // per_sample, also for m = 0)
         chunks = chunks or norm_chunks(m, b, x.device, lay, g)
-        cap = NORM_BACKWARD.get((lay.MP * lay.P, g), {}).get("maxnreg")
+        cap = _norm_backward(lay, g).get("maxnreg")
         grid, n_iter = (b * chunks,), triton_cdiv(per_sample, chunks)
         dscale = torch.empty(chunks, b, k, device=x.device, dtype=torch.float32)
         dshift = torch.empty_like(dscale)
