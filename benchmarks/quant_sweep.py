@@ -158,8 +158,12 @@ def launch_calls(m, k, g, norm, samples, device="cuda"):
     alpha = torch.full((g, 1), 0.5, device=device)
     mod = torch.randn(samples, 2 * k, device=device, dtype=torch.bfloat16) * 0.3
     kw = dict(norm=(mod[:, :k], mod[:, k:], 1e-6)) if norm else {}
-    fwd = lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, **kw)  # noqa: E731
-    bwd = lambda: rotate_quantize_backward(x, grad, signs, lay, alpha, 2, True, 1, out_dtype=torch.bfloat16, **kw)  # noqa: E731
+    # with the adaLN, the forward writes each token's LayerNorm mean and rstd, and the backward reads them
+    var, mean = torch.var_mean(x.float(), dim=1, unbiased=False)
+    fkw, bkw = (dict(want_norm_stats=True), dict(norm_stats=torch.stack([mean, torch.rsqrt(var + 1e-6)]))) if norm else ({}, {})
+    fwd = lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, **kw, **fkw)  # noqa: E731
+    bwd = lambda: rotate_quantize_backward(x, grad, signs, lay, alpha, 2, True, 1, out_dtype=torch.bfloat16,  # noqa: E731
+                                           **kw, **bkw)
     return fwd, bwd
 
 

@@ -174,6 +174,7 @@ def rotate_quantize(
     round_to_bf16: bool = False,
     act: str | None = None,
     norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    want_norm_stats: bool = False,
 ) -> dict[str, torch.Tensor]:
     """x [M, K] -> codes for each of the G rows of ``alpha`` ([G, M] per token, or [G, 1]) of
     ``act(x)`` (``act="gelu_tanh"``: x is the pre-activation; None: x itself), or with ``norm =
@@ -182,7 +183,9 @@ def rotate_quantize(
 
     ``round_to_bf16``: round an fp32 x to bf16 as it is loaded (what bf16 autocast does to a
     linear's input), which runs the faster bf16 tile. Returns a dict with 's' [G, M] fp32 and, as
-    asked, 'i8' / 'f8' / 'out' [G, M, K] and 'stat' [M].
+    asked, 'i8' / 'f8' / 'out' [G, M, K], 'stat' [M] and (``want_norm_stats``, with ``norm``)
+    'norm_stats' [2, M] fp32: each token's LayerNorm mean and rstd, which
+    ``rotate_quantize_backward(norm_stats=...)`` reads instead of recomputing them.
     """
     if x.dim() != 2 or x.shape[1] != lay.dim:
         raise ValueError(f"rotate_quantize expects [M, {lay.dim}], got {tuple(x.shape)}")
@@ -198,14 +201,17 @@ def rotate_quantize(
     f8 = torch.empty(g, m, k, device=dev, dtype=torch.float8_e4m3fn) if want_f8 else dummy
     o = torch.empty(g, m, k, device=dev, dtype=out_dtype) if out else dummy
     st = torch.empty(m, device=dev, dtype=torch.float32) if want_stat else dummy
+    if want_norm_stats and norm is None:
+        raise ValueError("rotate_quantize: want_norm_stats needs norm (the statistics are the adaLN's LayerNorm's)")
+    nst = torch.empty(2, m, device=dev, dtype=torch.float32) if want_norm_stats else dummy
     if m:
         tdt = _tile_dtype(x, round_to_bf16)
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, dev, _factor_dtype())
         grid = _grid(m, dev, lay, split)
         tq.rotq_fwd_kernel[grid](
-            x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st, scale, shift,
+            x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st, scale, shift, nst,
             m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
-            per_sample, stride_mod, NORM=norm is not None, LN_EPS=ln_eps,
+            per_sample, stride_mod, NORM=norm is not None, LN_EPS=ln_eps, W_NSTAT=want_norm_stats,
             G=g, RELOAD=_reload(lay, backward=False), **_loop(lay, tdt, backward=False, split=split),
             W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
             num_warps=_warps(lay), **_register_cap(backward=False), **_common(lay, bits, signed, mode, tdt, split, act),
@@ -218,6 +224,8 @@ def rotate_quantize(
         res["out"] = o
     if want_stat:
         res["stat"] = st
+    if want_norm_stats:
+        res["norm_stats"] = nst
     return res
 
 
@@ -260,6 +268,7 @@ def rotate_quantize_backward(
     out_dtype: torch.dtype | None = None,
     norm_partials: bool = False,
     chunks: int | None = None,
+    norm_stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(dx [M, K] in x's dtype, ga = per-token dL/dalpha) for the LSQ straight-through gradient.
 
@@ -271,7 +280,9 @@ def rotate_quantize_backward(
     forward's adaLN, see ``rotate_quantize``) dx is the residual stream's gradient and two more
     results follow: dL/dscale and dL/dshift [B, K] in scale's dtype (``norm_partials``: the programs'
     fp32 partial sums [chunks, B, K] instead, whose sum over dim 0 the caller takes, e.g. inside a
-    compiled graph where it fuses with the consumer; ``chunks``, by default ``norm_chunks``). With
+    compiled graph where it fuses with the consumer; ``chunks``, by default ``norm_chunks``);
+    ``norm_stats``: the forward's ``rotate_quantize(want_norm_stats=True)`` result, read instead of
+    recomputing the LayerNorm's statistics (the same bits, two reductions fewer per token). With
     ``out_dtype``, a last result follows: the forward's ``q * s_t`` [G, M, K]
     (``rotate_quantize(out="scaled")``) in that dtype.
     """
@@ -291,6 +302,10 @@ def rotate_quantize_backward(
     dx = torch.empty_like(x)
     ga = torch.empty(g, m, device=x.device, dtype=torch.float32)
     scale, shift, ln_eps, per_sample, stride_mod = _norm_args(norm, x, act, ga, "rotate_quantize_backward")
+    if norm_stats is not None and (norm is None or norm_stats.shape != (2, m) or norm_stats.dtype != torch.float32):
+        raise ValueError(f"rotate_quantize_backward: norm_stats must be the forward's [2, {m}] fp32 LayerNorm "
+                         f"statistics of the same norm, got {tuple(norm_stats.shape)} {norm_stats.dtype}"
+                         + ("" if norm is not None else " without norm"))
     grid = _grid(m, x.device, lay)
     n_iter, cap = triton_cdiv(m, grid[0]), None
     if norm is not None:  # programs in runs of one sample's tokens; partial scale/shift gradients
@@ -308,9 +323,9 @@ def rotate_quantize_backward(
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, x.device, _factor_dtype())
         tq.rotq_bwd_kernel[grid](
             x, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
-            scale, shift, dscale, dshift, o, m, n_iter, x.stride(0), grad.stride(-2), alpha.stride(0),
+            scale, shift, dscale, dshift, o, ga if norm_stats is None else norm_stats.contiguous(), m, n_iter, x.stride(0), grad.stride(-2), alpha.stride(0),
             1 if alpha.shape[1] > 1 else 0, m * k, per_sample, stride_mod, chunks, G=g, NORM=norm is not None,
-            LN_EPS=ln_eps, W_OUT=out_dtype is not None, num_warps=_warps(lay), **_register_cap(True, cap),
+            LN_EPS=ln_eps, W_OUT=out_dtype is not None, R_NSTAT=norm_stats is not None, num_warps=_warps(lay), **_register_cap(True, cap),
             RELOAD=_reload(lay, backward=True),
             **_loop(lay, tdt, backward=True, split=split), GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16,
             **_common(lay, bits, signed, mode, tdt, split, act),

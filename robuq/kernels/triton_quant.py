@@ -21,6 +21,10 @@ below, and goes on through the modulation and the LayerNorm (x_hat = LayerNorm(x
     dscale_b = sum_t du_t x_hat_t,   dshift_b = sum_t du_t       (partial sums per program)
     dx       = rstd (g - mean(g) - x_hat mean(g x_hat))
 
+The forward can write each token's LayerNorm mean and rstd (``W_NSTAT``, 8 bytes per token); the
+backward then reads them (``R_NSTAT``) instead of taking the LayerNorm's two reductions again
+before its rotation can start. x_hat is the same bits either way.
+
 ``ACT = 1`` fuses a GELU (tanh form) in front: the kernel reads the pre-activation h, quantizes
 GELU(h), and the backward multiplies dx by GELU'(h), so the activation pass of an MLP (diffusers'
 ``GELU`` module feeding the output projection) never reaches memory.
@@ -114,23 +118,31 @@ def _signed(x, sg, X16: tl.constexpr):
 
 @triton.jit
 def _normalized(ptrs, mask, K: tl.constexpr, LN_EPS: tl.constexpr):
-    """(x, LayerNorm(x) = (x - mean) * rstd in fp32, rstd) of one token tile (padded elements 0)."""
+    """(x, LayerNorm(x) = (x - mean) * rstd in fp32, mean, rstd) of one token tile (padded elements 0)."""
     x = tl.load(ptrs, mask=mask, other=0.0)
     xf = x.to(tl.float32)
     mean = tl.sum(tl.sum(xf, axis=1), axis=0) / K
     d = tl.where(mask, xf - mean, 0.0)
     rstd = tl.rsqrt(tl.sum(tl.sum(d * d, axis=1), axis=0) / K + LN_EPS)
-    return x, d * rstd, rstd
+    return x, d * rstd, mean, rstd
 
 
 @triton.jit
-def _modulated_token(ptrs, mask, sc, sh, sg, K: tl.constexpr, LN_EPS: tl.constexpr, X16: tl.constexpr):
-    """adaLN: (LayerNorm(x) * (1 + scale) + shift, rounded once to x's dtype, times d; LayerNorm(x);
-    rstd), in fp32, no affine; sc, sh: the token's sample's scale and shift tiles (padded elements
-    0, so padded outputs stay 0)."""
-    x, xhat, rstd = _normalized(ptrs, mask, K, LN_EPS)
+def _normalized_from(ptrs, mask, mean, rstd):
+    """(x, LayerNorm(x)) from the token's saved mean and rstd: _normalized's operations without its
+    two reductions, so the same bits."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    d = tl.where(mask, x.to(tl.float32) - mean, 0.0)
+    return x, d * rstd
+
+
+@triton.jit
+def _modulated(x, xhat, sc, sh, sg, X16: tl.constexpr):
+    """adaLN: LayerNorm(x) * (1 + scale) + shift, in fp32 (no affine), rounded once to x's dtype,
+    times d; sc, sh: the token's sample's scale and shift tiles (padded elements 0, so padded
+    outputs stay 0)."""
     y = (xhat * (1.0 + sc.to(tl.float32)) + sh.to(tl.float32)).to(x.dtype)
-    return _signed(y, sg, X16), xhat, rstd
+    return _signed(y, sg, X16)
 
 
 @triton.jit
@@ -231,7 +243,7 @@ def _token_of(pid, it, nprog, M):
 
 @triton.jit
 def rotq_fwd_kernel(
-    X, SIGNS, LEFT, RIGHT, ALPHA, CODES_I8, CODES_F8, OUT, S, STAT, SCALE, SHIFT,
+    X, SIGNS, LEFT, RIGHT, ALPHA, CODES_I8, CODES_F8, OUT, S, STAT, SCALE, SHIFT, NSTAT,
     M, n_iter, stride_x, alpha_sg, alpha_st, codes_sg, s_sg, tokens_per_sample, stride_mod,
     ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
     QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr,
@@ -240,7 +252,7 @@ def rotq_fwd_kernel(
     SQRT_N: tl.constexpr, EPS: tl.constexpr,
     W_I8: tl.constexpr, W_F8: tl.constexpr, W_OUT: tl.constexpr, OUT_SCALED: tl.constexpr, W_STAT: tl.constexpr,
     RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr, ACT: tl.constexpr,
-    NORM: tl.constexpr, LN_EPS: tl.constexpr, RINT: tl.constexpr, UNROLL: tl.constexpr,
+    NORM: tl.constexpr, LN_EPS: tl.constexpr, RINT: tl.constexpr, UNROLL: tl.constexpr, W_NSTAT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -259,7 +271,11 @@ def rotq_fwd_kernel(
             mod = (t // tokens_per_sample) * stride_mod + offs
             sc = tl.load(SCALE + mod, mask=mtok, other=0.0)
             sh = tl.load(SHIFT + mod, mask=mtok, other=0.0)
-            x, _, _ = _modulated_token(X + t * stride_x + offs, mtok, sc, sh, sg, K, LN_EPS, X16)
+            xr, xhat, mean, rstd = _normalized(X + t * stride_x + offs, mtok, K, LN_EPS)
+            if W_NSTAT:  # the LayerNorm's statistics, for the backward
+                tl.store(NSTAT + t, mean, mask=ok)
+                tl.store(NSTAT + M + t, rstd, mask=ok)
+            x = _modulated(xr, xhat, sc, sh, sg, X16)
         else:
             x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
         y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT)  # sqrt(n) * the rotated token
@@ -287,7 +303,7 @@ def rotq_fwd_kernel(
 # programs as tokens) faulted with an illegal memory access (benchmarks/bwd_diag.py, docs/PERFORMANCE.md).
 @triton.jit(do_not_specialize=["n_iter"])
 def rotq_bwd_kernel(
-    X, GRAD, SIGNS, LEFT, RIGHT, LEFT_T, ALPHA, DX, GA, SCALE, SHIFT, DSCALE, DSHIFT, OUT,
+    X, GRAD, SIGNS, LEFT, RIGHT, LEFT_T, ALPHA, DX, GA, SCALE, SHIFT, DSCALE, DSHIFT, OUT, NSTAT,
     M, n_iter, stride_x, stride_g, alpha_sg, alpha_st, grad_sg, tokens_per_sample, stride_mod, chunks,
     ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
     QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr,
@@ -295,7 +311,7 @@ def rotq_bwd_kernel(
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr,
     GSPLIT: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr, W_OUT: tl.constexpr,
-    RINT: tl.constexpr, UNROLL: tl.constexpr,
+    RINT: tl.constexpr, UNROLL: tl.constexpr, R_NSTAT: tl.constexpr,
 ):
     # B (Sylvester) is symmetric, so the transposed rotation is A dy B: no B^T needed.
     # NORM: program pid takes a contiguous run of the tokens of sample pid // chunks, so it sums its
@@ -327,7 +343,13 @@ def rotq_bwd_kernel(
             L, R = _load_factors(LEFT, RIGHT, l_offs, r_offs)
             LT = tl.load(LEFT_T + l_offs)
         if NORM:  # LayerNorm(x) and rstd stay for the norm's backward below
-            x, xhat, rstd = _modulated_token(X + t * stride_x + offs, mtok, sc, sh, sg, K, LN_EPS, X16)
+            if R_NSTAT:  # the forward's mean and rstd: no reductions before the rotation can start
+                mean = tl.load(NSTAT + t)
+                rstd = tl.load(NSTAT + M + t)
+                xr, xhat = _normalized_from(X + t * stride_x + offs, mtok, mean, rstd)
+            else:
+                xr, xhat, mean, rstd = _normalized(X + t * stride_x + offs, mtok, K, LN_EPS)
+            x = _modulated(xr, xhat, sc, sh, sg, X16)
         else:
             x = _signed_token(X + t * stride_x + offs, mtok, sg, X16, ACT)
         y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT)  # sqrt(n) * the forward's

@@ -212,10 +212,11 @@ def fakes_match_the_kernels():
     x, signs = torch.randn(b * t, k), torch.where(torch.rand(k) < 0.5, -1.0, 1.0)
     alpha, grad, emb = torch.full((2, 1), 0.6), torch.randn(2, b * t, k), torch.randn(b, 2 * k) * 0.3
     for scale, shift in [(None, None), (emb[:, :k], emb[:, k:])]:
-        torch.library.opcheck(qat.rotq_fwd, (x, signs, alpha, "kronecker", 0, 2, True, 1, "float32", True, "",
-                                             scale, shift, 1e-6, True), test_utils="test_faketensor")
+        fwd_args = (x, signs, alpha, "kronecker", 0, 2, True, 1, "float32", True, "", scale, shift, 1e-6, True)
+        torch.library.opcheck(qat.rotq_fwd, fwd_args, test_utils="test_faketensor")
+        nstat = None if scale is None else qat.rotq_fwd(*fwd_args)[3]
         torch.library.opcheck(qat.rotq_bwd, (x, grad, signs, alpha, "kronecker", 0, 2, True, 1, "float32", "",
-                                             scale, shift, 1e-6, True, 2), test_utils="test_faketensor")
+                                             scale, shift, 1e-6, True, 2, nstat), test_utils="test_faketensor")
     torch.library.opcheck(qat.ternary_fp8, (torch.randn(40, k), "bfloat16", 1e-8), test_utils="test_faketensor")
 
 
@@ -357,6 +358,28 @@ def check_fused_norm():
         gx, gsc, gsh = torch.autograd.grad(u, (xr, scr, shr), du.reshape(u.shape))
         for got, want in [(dx, gx.reshape(-1, k)), (ga, ga_ref), (dsc, gsc), (dsh, gsh)]:
             assert got.shape == want.shape and rel(got, want) < 1e-5, (mode, got.shape, rel(got, want))
+    # the forward's LayerNorm statistics, read by the backward instead of recomputed: the same
+    # gradients bit for bit; statistics of another shape (or without the norm) are refused
+    xs, norm = x.reshape(-1, k), (scale, shift, 1e-6)
+    stats = rotate_quantize(xs, signs, lay, alpha, 3, True, 1, want_i8=True, norm=norm, want_norm_stats=True)["norm_stats"]
+    var, mean = torch.var_mean(xs, dim=1, unbiased=False)
+    assert rel(stats[0], mean) < 1e-6 and rel(stats[1], torch.rsqrt(var + 1e-6)) < 1e-5
+    for mode in (0, 1, 2):
+        recomputed = rotate_quantize_backward(xs, grad, signs, lay, alpha, 3, True, mode, norm=norm,
+                                              out_dtype=torch.float32)
+        read = rotate_quantize_backward(xs, grad, signs, lay, alpha, 3, True, mode, norm=norm,
+                                        out_dtype=torch.float32, norm_stats=stats)
+        assert all(torch.equal(u, v) for u, v in zip(recomputed, read)), mode
+    for call, name in [(lambda: rotate_quantize_backward(xs, grad, signs, lay, alpha, 3, True, 1, norm=norm,
+                                                         norm_stats=stats[:, 1:]), "rotate_quantize_backward"),
+                       (lambda: rotate_quantize(xs, signs, lay, alpha, 3, True, 1, want_norm_stats=True),
+                        "rotate_quantize")]:
+        try:
+            call()
+        except ValueError as e:
+            assert str(e).startswith(f"{name}: "), e
+        else:
+            raise AssertionError(f"no error from {name} for bad norm statistics")
     for bad in [(scale[:2], shift[:2], 1e-6), (scale[:, :100], shift[:, :100], 1e-6)]:
         calls = [("rotate_quantize", lambda: rotate_quantize(x.reshape(-1, k), signs, lay, alpha, 3, True, 1,
                                                              want_i8=True, norm=bad)),

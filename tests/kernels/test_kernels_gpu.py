@@ -111,6 +111,27 @@ def test_backward_writes_the_forwards_gemm_input(k, norm):
     assert torch.equal(res[-1], fwd["out"])
 
 
+@pytest.mark.parametrize("g", [1, 3])
+@pytest.mark.parametrize("mode", [1, 2])
+def test_backward_from_the_forwards_norm_stats(g, mode):
+    """The adaLN backward reading the forward's LayerNorm mean and rstd (norm_stats) gives the
+    gradients of the one that recomputes them, bit for bit (DiT-XL/2's q/k/v and fc1 launches)."""
+    torch.manual_seed(g + 10 * mode)
+    k, b = 1152, 8
+    x = (torch.randn(b * 256, k, device=DEV) * 2 + 0.3).bfloat16()
+    signs = torch.where(torch.rand(k, device=DEV) < 0.5, -1.0, 1.0)
+    lay = rotation_layout(k, "kronecker", None)
+    alpha = torch.linspace(0.5, 1.1, g, device=DEV).reshape(g, 1)
+    mod = (torch.randn(b, 2 * k, device=DEV) * 0.3).bfloat16()
+    norm = (mod[:, :k], mod[:, k:], 1e-6)
+    fwd = rotate_quantize(x, signs, lay, alpha, 2, True, mode, want_f8=True, norm=norm, want_norm_stats=True)
+    grad = torch.randn(g, b * 256, k, device=DEV).bfloat16()
+    kw = dict(norm=norm, out_dtype=torch.bfloat16, norm_partials=True)
+    recomputed = rotate_quantize_backward(x, grad, signs, lay, alpha, 2, True, mode, **kw)
+    read = rotate_quantize_backward(x, grad, signs, lay, alpha, 2, True, mode, norm_stats=fwd["norm_stats"], **kw)
+    assert all(torch.equal(u, v) for u, v in zip(recomputed, read))
+
+
 @pytest.mark.parametrize("k", [1152, 4608])
 def test_rint_rounding_equals_the_tie_fixup(k, monkeypatch):
     """quant_ops.RINT_ROUNDING (one cvt.rni per code) gives the codes of floor and a tie fix-up, ties
