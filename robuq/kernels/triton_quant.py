@@ -197,6 +197,12 @@ def _stat(y, MODE: tl.constexpr, K: tl.constexpr, SQRT_N: tl.constexpr):
 
 
 @triton.jit
+def _add2(a, b, c, d):
+    """Combine of a two-value sum (tl.reduce over a pair of tiles)."""
+    return a + c, b + d
+
+
+@triton.jit
 def _token_step(alpha_ptr, st, MODE: tl.constexpr):
     """(alpha_t, s_t): s_t = alpha_t * stat (dynamic) or alpha_t (static)."""
     alpha = tl.load(alpha_ptr)
@@ -402,8 +408,9 @@ def rotq_bwd_kernel(
             acc_sc += dx * xhat
             acc_sh += dx
             g = dx * (1.0 + sc.to(tl.float32))
-            mg = tl.sum(tl.sum(g, axis=1), axis=0) / K
-            mgx = tl.sum(tl.sum(g * xhat, axis=1), axis=0) / K
+            rows_g, rows_gx = tl.reduce((g, g * xhat), 1, _add2)  # both sums in one pass: one exchange across warps
+            sum_g, sum_gx = tl.reduce((rows_g, rows_gx), 0, _add2)
+            mg, mgx = sum_g / K, sum_gx / K
             dx = rstd * (g - mg - xhat * mgx)
         tl.store(DX + t * stride_x + offs, dx.to(DX.dtype.element_ty), mask=mtok)
     if NORM:  # this program's partial sums: row (pid % chunks, sample) of [chunks, B, K]
