@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -158,9 +159,16 @@ def launch_calls(m, k, g, norm, samples, device="cuda"):
     alpha = torch.full((g, 1), 0.5, device=device)
     mod = torch.randn(samples, 2 * k, device=device, dtype=torch.bfloat16) * 0.3
     kw = dict(norm=(mod[:, :k], mod[:, k:], 1e-6)) if norm else {}
-    # with the adaLN, the forward writes each token's LayerNorm mean and rstd, and the backward reads them
+    # the forward writes each token's rms statistic (and with the adaLN its LayerNorm mean and rstd),
+    # and the backward reads them, as the QAT step does
     var, mean = torch.var_mean(x.float(), dim=1, unbiased=False)
-    fkw, bkw = (dict(want_norm_stats=True), dict(norm_stats=torch.stack([mean, torch.rsqrt(var + 1e-6)]))) if norm else ({}, {})
+    u = x.float()
+    if norm:
+        per = m // samples
+        u = F.layer_norm(u, (k,)) * (1 + mod[:, :k].float().repeat_interleave(per, 0)) + mod[:, k:].float().repeat_interleave(per, 0)
+    fkw, bkw = dict(want_stat=True), dict(stat=u.square().mean(1).sqrt())
+    if norm:
+        fkw["want_norm_stats"], bkw["norm_stats"] = True, torch.stack([mean, torch.rsqrt(var + 1e-6)])
     fwd = lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, **kw, **fkw)  # noqa: E731
     bwd = lambda: rotate_quantize_backward(x, grad, signs, lay, alpha, 2, True, 1, out_dtype=torch.bfloat16,  # noqa: E731
                                            **kw, **bkw)

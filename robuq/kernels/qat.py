@@ -60,11 +60,12 @@ from .attention import share_qkv
 from .block import fuse_block_norms
 from .gemm import scaled_mm_rowwise
 from .mlp import fuse_gelu
-from .quant_ops import act_id, mode_id, norm_chunks, rotate_quantize, rotate_quantize_backward
+from .quant_ops import MODE_IDS, act_id, mode_id, norm_chunks, rotate_quantize, rotate_quantize_backward
 from .rotation import rotation_kind, rotation_layout
 from .ternary import ternary_weight
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_RMS = MODE_IDS["rms"]  # the kernels' mode id of the per-token rms statistic
 # Forward GEMM of bf16-autocast layers on fp8 tensor cores where the GPU has them (see the module
 # docstring); False multiplies the bf16 fake-quant tensors instead (benchmarks compare both).
 FP8_FORWARD = True
@@ -90,18 +91,19 @@ def _rotq_fwd_impl(
     x: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
     bits: int, signed: bool, mode: int, out_dtype: str, want_f8: bool, act: str,
     scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float, want_out: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K], alpha [G, M or 1] -> (q * s_t [G, M, K] out_dtype (if want_out, else empty), q [G, M, K]
-    e4m3 (if want_f8, else empty), s_t [G, M] fp32, the LayerNorm's mean and rstd [2, M] fp32 for the
-    backward (empty without the adaLN)) of act(x) (act "": x itself), or of the adaLN of x (scale,
-    shift [B, K])."""
+    e4m3 (if want_f8, else empty), s_t [G, M] fp32, and for the backward the LayerNorm's mean and rstd
+    [2, M] fp32 (empty without the adaLN) and the rms statistic [M] fp32 (empty in other modes)) of
+    act(x) (act "": x itself), or of the adaLN of x (scale, shift [B, K])."""
     lay = _layout(x.shape[1], kind, block_size)
     r = rotate_quantize(x, signs, lay, alpha, bits, signed, mode, out="scaled" if want_out else None, want_f8=want_f8,
                         out_dtype=_DTYPES[out_dtype], round_to_bf16=out_dtype == "bfloat16", act=act or None,
-                        norm=_norm(scale, shift, ln_eps), want_norm_stats=scale is not None)
+                        norm=_norm(scale, shift, ln_eps), want_norm_stats=scale is not None, want_stat=mode == _RMS)
+    none = x.new_empty(0, dtype=torch.float32)
     return (r["out"] if want_out else x.new_empty(0, dtype=_DTYPES[out_dtype]),
             r["f8"] if want_f8 else x.new_empty(0, dtype=torch.float8_e4m3fn), r["s"],
-            r["norm_stats"] if scale is not None else x.new_empty(0, dtype=torch.float32))
+            r["norm_stats"] if scale is not None else none, r["stat"] if mode == _RMS else none)
 
 
 rotq_fwd = torch.library.custom_op("robuq::rotq_fwd", _rotq_fwd_impl, mutates_args=())
@@ -113,14 +115,15 @@ def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8,
     f8 = x.new_empty((g, m, k) if want_f8 else (0,), dtype=torch.float8_e4m3fn)
     out = x.new_empty((g, m, k) if want_out else (0,), dtype=_DTYPES[out_dtype])
     nstat = x.new_empty((2, m) if scale is not None else (0,), dtype=torch.float32)
-    return out, f8, x.new_empty(g, m, dtype=torch.float32), nstat
+    stat = x.new_empty((m,) if mode == _RMS else (0,), dtype=torch.float32)
+    return out, f8, x.new_empty(g, m, dtype=torch.float32), nstat, stat
 
 
 def _rotq_bwd_impl(
     x: torch.Tensor, grad: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
     bits: int, signed: bool, mode: int, out_dtype: str, act: str,
     scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float, want_out: bool, chunks: int,
-    norm_stats: Optional[torch.Tensor],
+    norm_stats: Optional[torch.Tensor], stat: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """grad [G, M, K], alpha [G, M or 1] -> (dx [M, K] in x's dtype, per-token dL/dalpha [G, M] fp32,
     the partial sums of dL/dscale and dL/dshift [chunks, B, K] fp32 (empty without the adaLN; summed
@@ -128,12 +131,12 @@ def _rotq_bwd_impl(
     [G, M, K] out_dtype (if want_out, else empty)). ``chunks`` (``quant_ops.norm_chunks``; ignored
     without the adaLN) is an argument so that a compiled graph's shapes, and the key Inductor caches
     it under, follow the launch settings: a cached graph built under other settings is not reused.
-    ``norm_stats``: rotq_fwd's LayerNorm statistics (or None: recomputed)."""
+    ``norm_stats``, ``stat``: rotq_fwd's LayerNorm and rms statistics (or None: recomputed)."""
     lay = _layout(x.shape[1], kind, block_size)
     dt = _DTYPES[out_dtype]
     r = rotate_quantize_backward(x, grad, signs, lay, alpha, bits, signed, mode, round_to_bf16=out_dtype == "bfloat16",
                                  act=act or None, norm=_norm(scale, shift, ln_eps), out_dtype=dt if want_out else None,
-                                 norm_partials=True, chunks=chunks, norm_stats=norm_stats)
+                                 norm_partials=True, chunks=chunks, norm_stats=norm_stats, stat=stat)
     if scale is None:
         r = (*r[:2], x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32), *r[2:])
     return r if want_out else (*r, x.new_empty(0, dtype=dt))
@@ -144,7 +147,7 @@ rotq_bwd = torch.library.custom_op("robuq::rotq_bwd", _rotq_bwd_impl, mutates_ar
 
 @rotq_bwd.register_fake
 def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, act, scale, shift, ln_eps, want_out,
-      chunks, norm_stats):
+      chunks, norm_stats, stat):
     dn = (0,) if scale is None else (chunks, *scale.shape)
     out = x.new_empty(grad.shape if want_out else (0,), dtype=_DTYPES[out_dtype])
     return (torch.empty_like(x), x.new_empty(grad.shape[0], x.shape[0], dtype=torch.float32),
@@ -196,15 +199,16 @@ class FusedQuantLinearFn(torch.autograd.Function):
         fwd = torch.ops.robuq.rotq_fwd if torch.compiler.is_compiling() else _rotq_fwd_impl
         fp8 = w8[0] is not None
         keep_out = not (fp8 and GEMM_INPUT_IN_BACKWARD)  # (off the fp8 path the forward GEMM reads q * s_t)
-        out, q8, s, nstat = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), fp8, act,
-                                scale, shift, ln_eps, keep_out)
+        out, q8, s, nstat, stat = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), fp8,
+                                      act, scale, shift, ln_eps, keep_out)
         ys = []
         for i in range(n):
             b = None if biases[i] is None else biases[i].to(cdt)
             ys.append(scaled_mm_rowwise(q8[i], w8[i], s[i], w_scale[i], b, out_dtype=cdt) if fp8
                       else F.linear(out[i], wq[i], b))
         ctx.save_for_backward(x2, out if keep_out else None, alpha_t, group_of_token, signs, scale, shift,
-                              nstat if scale is not None else None, *wq, *params[2 * n:])
+                              nstat if scale is not None else None, stat if mode == _RMS else None, *wq,
+                              *params[2 * n:])
         ctx.spec = spec
         ctx.bias_dtypes = [None if bi is None else bi.dtype for bi in biases]
         ctx.weight_dtypes = [w.dtype for w in weights]
@@ -212,7 +216,7 @@ class FusedQuantLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *dys):
-        x2, out, alpha_t, group_of_token, signs, scale, shift, nstat, *rest = ctx.saved_tensors
+        x2, out, alpha_t, group_of_token, signs, scale, shift, nstat, stat, *rest = ctx.saved_tensors
         kind, block_size, bits, signed, mode, groups, cdt, act, ln_eps = ctx.spec
         n = len(dys)
         wq, steps = rest[:n], rest[n:]
@@ -231,7 +235,7 @@ class FusedQuantLinearFn(torch.autograd.Function):
                                                      _layout(x2.shape[1], kind, block_size), n)
         dx, ga, dscale, dshift, out_again = bwd(x2, dout, signs, alpha_t, kind, block_size, bits, signed, mode,
                                                 _dtype_name(cdt), act, scale, shift, ln_eps, out is None, chunks,
-                                                nstat)
+                                                nstat, stat)
         out = out_again if out is None else out
         dws = [(dy.t() @ out[i]).to(wdt) for i, (dy, wdt) in enumerate(zip(dys, ctx.weight_dtypes))]
         # summed in fp32: a bf16-output sum gave eager and CUDA-graph-replayed steps different bias

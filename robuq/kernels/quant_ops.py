@@ -269,6 +269,7 @@ def rotate_quantize_backward(
     norm_partials: bool = False,
     chunks: int | None = None,
     norm_stats: torch.Tensor | None = None,
+    stat: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(dx [M, K] in x's dtype, ga = per-token dL/dalpha) for the LSQ straight-through gradient.
 
@@ -282,7 +283,9 @@ def rotate_quantize_backward(
     fp32 partial sums [chunks, B, K] instead, whose sum over dim 0 the caller takes, e.g. inside a
     compiled graph where it fuses with the consumer; ``chunks``, by default ``norm_chunks``);
     ``norm_stats``: the forward's ``rotate_quantize(want_norm_stats=True)`` result, read instead of
-    recomputing the LayerNorm's statistics (the same bits, two reductions fewer per token). With
+    recomputing the LayerNorm's statistics (the same bits, two reductions fewer per token); ``stat``
+    (rms mode only): the forward's ``rotate_quantize(want_stat=True)`` statistic [M], read instead of
+    recomputed (the same bits, one reduction fewer per token). With
     ``out_dtype``, a last result follows: the forward's ``q * s_t`` [G, M, K]
     (``rotate_quantize(out="scaled")``) in that dtype.
     """
@@ -306,6 +309,9 @@ def rotate_quantize_backward(
         raise ValueError(f"rotate_quantize_backward: norm_stats must be the forward's [2, {m}] fp32 LayerNorm "
                          f"statistics of the same norm, got {tuple(norm_stats.shape)} {norm_stats.dtype}"
                          + ("" if norm is not None else " without norm"))
+    if stat is not None and (mode != MODE_IDS["rms"] or stat.shape != (m,) or stat.dtype != torch.float32):
+        raise ValueError(f"rotate_quantize_backward: stat must be the forward's [{m}] fp32 rms statistic (mode "
+                         f"{MODE_IDS['rms']}), got {tuple(stat.shape)} {stat.dtype} in mode {mode}")
     grid = _grid(m, x.device, lay)
     n_iter, cap = triton_cdiv(m, grid[0]), None
     if norm is not None:  # programs in runs of one sample's tokens; partial scale/shift gradients
@@ -323,9 +329,10 @@ def rotate_quantize_backward(
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, x.device, _factor_dtype())
         tq.rotq_bwd_kernel[grid](
             x, grad, signs.float().contiguous(), f["left"], f["right"], f["left_t"], alpha, dx, ga,
-            scale, shift, dscale, dshift, o, ga if norm_stats is None else norm_stats.contiguous(), m, n_iter, x.stride(0), grad.stride(-2), alpha.stride(0),
+            scale, shift, dscale, dshift, o, ga if norm_stats is None else norm_stats.contiguous(),
+            ga if stat is None else stat.contiguous(), m, n_iter, x.stride(0), grad.stride(-2), alpha.stride(0),
             1 if alpha.shape[1] > 1 else 0, m * k, per_sample, stride_mod, chunks, G=g, NORM=norm is not None,
-            LN_EPS=ln_eps, W_OUT=out_dtype is not None, R_NSTAT=norm_stats is not None, num_warps=_warps(lay), **_register_cap(True, cap),
+            LN_EPS=ln_eps, W_OUT=out_dtype is not None, R_NSTAT=norm_stats is not None, R_STAT=stat is not None, num_warps=_warps(lay), **_register_cap(True, cap),
             RELOAD=_reload(lay, backward=True),
             **_loop(lay, tdt, backward=True, split=split), GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16,
             **_common(lay, bits, signed, mode, tdt, split, act),

@@ -24,6 +24,8 @@ below, and goes on through the modulation and the LayerNorm (x_hat = LayerNorm(x
 The forward can write each token's LayerNorm mean and rstd (``W_NSTAT``, 8 bytes per token); the
 backward then reads them (``R_NSTAT``) instead of taking the LayerNorm's two reductions again
 before its rotation can start. x_hat is the same bits either way.
+Likewise the backward can read the forward's rms statistic (``R_STAT``; the forward's ``W_STAT``
+output) instead of reducing the rotated token again: one reduction fewer on each token's chain.
 
 ``ACT = 1`` fuses a GELU (tanh form) in front: the kernel reads the pre-activation h, quantizes
 GELU(h), and the backward multiplies dx by GELU'(h), so the activation pass of an MLP (diffusers'
@@ -309,7 +311,7 @@ def rotq_fwd_kernel(
 # programs as tokens) faulted with an illegal memory access (benchmarks/bwd_diag.py, docs/PERFORMANCE.md).
 @triton.jit(do_not_specialize=["n_iter"])
 def rotq_bwd_kernel(
-    X, GRAD, SIGNS, LEFT, RIGHT, LEFT_T, ALPHA, DX, GA, SCALE, SHIFT, DSCALE, DSHIFT, OUT, NSTAT,
+    X, GRAD, SIGNS, LEFT, RIGHT, LEFT_T, ALPHA, DX, GA, SCALE, SHIFT, DSCALE, DSHIFT, OUT, NSTAT, STAT,
     M, n_iter, stride_x, stride_g, alpha_sg, alpha_st, grad_sg, tokens_per_sample, stride_mod, chunks,
     ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
     QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr,
@@ -317,7 +319,7 @@ def rotq_bwd_kernel(
     SPLIT1: tl.constexpr, SPLIT2: tl.constexpr, DOT_DT: tl.constexpr,
     SQRT_N: tl.constexpr, EPS: tl.constexpr, RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr,
     GSPLIT: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, LN_EPS: tl.constexpr, W_OUT: tl.constexpr,
-    RINT: tl.constexpr, UNROLL: tl.constexpr, R_NSTAT: tl.constexpr,
+    RINT: tl.constexpr, UNROLL: tl.constexpr, R_NSTAT: tl.constexpr, R_STAT: tl.constexpr,
 ):
     # B (Sylvester) is symmetric, so the transposed rotation is A dy B: no B^T needed.
     # NORM: program pid takes a contiguous run of the tokens of sample pid // chunks, so it sums its
@@ -364,6 +366,8 @@ def rotq_bwd_kernel(
             st_raw = amax / SQRT_N  # = _stat(y, 2, K, SQRT_N), the reduction taken once
             hit = (tl.abs(y) == amax) & mask
             cnt = tl.sum(tl.sum(hit.to(tl.float32), axis=1), axis=0)
+        elif R_STAT:  # the forward's rms statistic, clamped: above EPS exactly where the raw one was
+            st_raw = tl.load(STAT + t)
         else:
             st_raw = _stat(y, MODE, K, SQRT_N)
         st = tl.maximum(st_raw, EPS)

@@ -214,9 +214,10 @@ def fakes_match_the_kernels():
     for scale, shift in [(None, None), (emb[:, :k], emb[:, k:])]:
         fwd_args = (x, signs, alpha, "kronecker", 0, 2, True, 1, "float32", True, "", scale, shift, 1e-6, True)
         torch.library.opcheck(qat.rotq_fwd, fwd_args, test_utils="test_faketensor")
-        nstat = None if scale is None else qat.rotq_fwd(*fwd_args)[3]
+        nstat, stat = qat.rotq_fwd(*fwd_args)[3:]
         torch.library.opcheck(qat.rotq_bwd, (x, grad, signs, alpha, "kronecker", 0, 2, True, 1, "float32", "",
-                                             scale, shift, 1e-6, True, 2, nstat), test_utils="test_faketensor")
+                                             scale, shift, 1e-6, True, 2, None if scale is None else nstat, stat),
+                              test_utils="test_faketensor")
     torch.library.opcheck(qat.ternary_fp8, (torch.randn(40, k), "bfloat16", 1e-8), test_utils="test_faketensor")
 
 
@@ -370,16 +371,25 @@ def check_fused_norm():
         read = rotate_quantize_backward(xs, grad, signs, lay, alpha, 3, True, mode, norm=norm,
                                         out_dtype=torch.float32, norm_stats=stats)
         assert all(torch.equal(u, v) for u, v in zip(recomputed, read)), mode
+    # the forward's rms statistic, read by the backward (with and without the adaLN): the same bits
+    for kw in (dict(norm=norm), {}):
+        st = rotate_quantize(xs, signs, lay, alpha, 3, True, 1, want_i8=True, want_stat=True, **kw)["stat"]
+        recomputed = rotate_quantize_backward(xs, grad, signs, lay, alpha, 3, True, 1, out_dtype=torch.float32, **kw)
+        read = rotate_quantize_backward(xs, grad, signs, lay, alpha, 3, True, 1, out_dtype=torch.float32, stat=st,
+                                        **kw)
+        assert all(torch.equal(u, v) for u, v in zip(recomputed, read)), kw
     for call, name in [(lambda: rotate_quantize_backward(xs, grad, signs, lay, alpha, 3, True, 1, norm=norm,
                                                          norm_stats=stats[:, 1:]), "rotate_quantize_backward"),
                        (lambda: rotate_quantize(xs, signs, lay, alpha, 3, True, 1, want_norm_stats=True),
-                        "rotate_quantize")]:
+                        "rotate_quantize"),
+                       (lambda: rotate_quantize_backward(xs, grad, signs, lay, alpha, 3, True, 2, stat=st),
+                        "rotate_quantize_backward")]:
         try:
             call()
         except ValueError as e:
             assert str(e).startswith(f"{name}: "), e
         else:
-            raise AssertionError(f"no error from {name} for bad norm statistics")
+            raise AssertionError(f"no error from {name} for bad statistics")
     for bad in [(scale[:2], shift[:2], 1e-6), (scale[:, :100], shift[:, :100], 1e-6)]:
         calls = [("rotate_quantize", lambda: rotate_quantize(x.reshape(-1, k), signs, lay, alpha, 3, True, 1,
                                                              want_i8=True, norm=bad)),

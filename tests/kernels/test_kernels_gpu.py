@@ -132,6 +132,26 @@ def test_backward_from_the_forwards_norm_stats(g, mode):
     assert all(torch.equal(u, v) for u, v in zip(recomputed, read))
 
 
+@pytest.mark.parametrize("k,norm", [(1152, True), (1152, False), (4608, False)])
+def test_backward_from_the_forwards_rms_stat(k, norm):
+    """The backward reading the forward's per-token rms statistic (and, with the adaLN, its
+    LayerNorm statistics) gives the gradients of the one that recomputes them, bit for bit."""
+    torch.manual_seed(k + norm)
+    b = 8
+    x = (torch.randn(b * 256, k, device=DEV) * 2 + 0.3).bfloat16()
+    signs = torch.where(torch.rand(k, device=DEV) < 0.5, -1.0, 1.0)
+    lay = rotation_layout(k, "kronecker", None)
+    alpha = torch.full((1, 1), 0.8, device=DEV)
+    mod = (torch.randn(b, 2 * k, device=DEV) * 0.3).bfloat16()
+    kw = dict(norm=(mod[:, :k], mod[:, k:], 1e-6)) if norm else {}
+    fwd = rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, want_stat=True, want_norm_stats=norm, **kw)
+    grad = torch.randn(b * 256, k, device=DEV).bfloat16()
+    recomputed = rotate_quantize_backward(x, grad, signs, lay, alpha[0], 2, True, 1, out_dtype=torch.bfloat16, **kw)
+    read = rotate_quantize_backward(x, grad, signs, lay, alpha[0], 2, True, 1, out_dtype=torch.bfloat16,
+                                    stat=fwd["stat"], norm_stats=fwd.get("norm_stats"), **kw)
+    assert all(torch.equal(u, v) for u, v in zip(recomputed, read))
+
+
 @pytest.mark.parametrize("k", [1152, 4608])
 def test_rint_rounding_equals_the_tie_fixup(k, monkeypatch):
     """quant_ops.RINT_ROUNDING (one cvt.rni per code) gives the codes of floor and a tie fix-up, ties
