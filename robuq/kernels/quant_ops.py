@@ -283,9 +283,10 @@ def rotate_quantize_backward(
     fp32 partial sums [chunks, B, K] instead, whose sum over dim 0 the caller takes, e.g. inside a
     compiled graph where it fuses with the consumer; ``chunks``, by default ``norm_chunks``);
     ``norm_stats``: the forward's ``rotate_quantize(want_norm_stats=True)`` result, read instead of
-    recomputing the LayerNorm's statistics (the same bits, two reductions fewer per token); ``stat``
+    recomputing the LayerNorm's statistics (two reductions fewer per token, and the forward's codes exactly:
+    a recompute can differ in the last bit on the GPU); ``stat``
     (rms mode only): the forward's ``rotate_quantize(want_stat=True)`` statistic [M], read instead of
-    recomputed (the same bits, one reduction fewer per token). With
+    recomputed (one reduction fewer per token). With
     ``out_dtype``, a last result follows: the forward's ``q * s_t`` [G, M, K]
     (``rotate_quantize(out="scaled")``) in that dtype.
     """

@@ -23,7 +23,8 @@ below, and goes on through the modulation and the LayerNorm (x_hat = LayerNorm(x
 
 The forward can write each token's LayerNorm mean and rstd (``W_NSTAT``, 8 bytes per token); the
 backward then reads them (``R_NSTAT``) instead of taking the LayerNorm's two reductions again
-before its rotation can start. x_hat is the same bits either way.
+before its rotation can start, and sees the forward's x_hat and codes exactly (a recompute can
+differ from the forward's in the last bit on the GPU, where the two kernels reduce in other orders).
 Likewise the backward can read the forward's rms statistic (``R_STAT``; the forward's ``W_STAT``
 output) instead of reducing the rotated token again: one reduction fewer on each token's chain.
 
@@ -132,7 +133,7 @@ def _normalized(ptrs, mask, K: tl.constexpr, LN_EPS: tl.constexpr):
 @triton.jit
 def _normalized_from(ptrs, mask, mean, rstd):
     """(x, LayerNorm(x)) from the token's saved mean and rstd: _normalized's operations without its
-    two reductions, so the same bits."""
+    two reductions, so the forward's x_hat."""
     x = tl.load(ptrs, mask=mask, other=0.0)
     d = tl.where(mask, x.to(tl.float32) - mean, 0.0)
     return x, d * rstd

@@ -359,8 +359,8 @@ def check_fused_norm():
         gx, gsc, gsh = torch.autograd.grad(u, (xr, scr, shr), du.reshape(u.shape))
         for got, want in [(dx, gx.reshape(-1, k)), (ga, ga_ref), (dsc, gsc), (dsh, gsh)]:
             assert got.shape == want.shape and rel(got, want) < 1e-5, (mode, got.shape, rel(got, want))
-    # the forward's LayerNorm statistics, read by the backward instead of recomputed: the same
-    # gradients bit for bit; statistics of another shape (or without the norm) are refused
+    # the forward's LayerNorm statistics, read by the backward instead of recomputed: under the
+    # interpreter the same gradients bit for bit; statistics of another shape (or without the norm) are refused
     xs, norm = x.reshape(-1, k), (scale, shift, 1e-6)
     stats = rotate_quantize(xs, signs, lay, alpha, 3, True, 1, want_i8=True, norm=norm, want_norm_stats=True)["norm_stats"]
     var, mean = torch.var_mean(xs, dim=1, unbiased=False)
@@ -371,7 +371,7 @@ def check_fused_norm():
         read = rotate_quantize_backward(xs, grad, signs, lay, alpha, 3, True, mode, norm=norm,
                                         out_dtype=torch.float32, norm_stats=stats)
         assert all(torch.equal(u, v) for u, v in zip(recomputed, read)), mode
-    # the forward's rms statistic, read by the backward (with and without the adaLN): the same bits
+    # the forward's rms statistic, read by the backward (with and without the adaLN): under the interpreter the same bits
     for kw in (dict(norm=norm), {}):
         st = rotate_quantize(xs, signs, lay, alpha, 3, True, 1, want_i8=True, want_stat=True, **kw)["stat"]
         recomputed = rotate_quantize_backward(xs, grad, signs, lay, alpha, 3, True, 1, out_dtype=torch.float32, **kw)

@@ -111,23 +111,26 @@ def test_backward_writes_the_forwards_gemm_input(k, norm):
     assert torch.equal(res[-1], fwd["out"])
 
 
-def assert_same_up_to_the_statistics_rounding(recomputed, read):
-    """The forward and the backward kernel reduce a token in different orders (other tiles and
-    warps), so a statistic read from the forward may differ from the recomputed one in its last
-    fp32 bit: the gradients then agree up to a bf16 rounding flip in a few elements and a code on a
-    rounding boundary in fewer (bit for bit under the interpreter: tests/kernels/interpret_checks.py)."""
-    for u, v in zip(recomputed, read):
+def assert_reads_the_forwards_codes(fwd, recomputed, read):
+    """A backward that reads the forward's statistics sees the forward's codes: its q * s_t is the
+    forward's bit for bit. The one that recomputes them may not: the two kernels reduce a token in
+    different orders and contract other products into FMAs, so on the GPU a statistic can differ in
+    its last bit (P68; bit for bit under the interpreter, tests/kernels/interpret_checks.py). The
+    gradients then agree to that rounding: dx and the adaLN partial sums within 1e-3, dL/dalpha,
+    which sums a token's codes and so sees a code on a rounding boundary flip, within 1e-2 (as
+    against float64 above; P68 measured up to 4e-4 and 3.6e-3)."""
+    assert torch.equal(read[-1], fwd["out"])
+    for i, (u, v) in enumerate(zip(recomputed[:-1], read[:-1])):
         assert u.shape == v.shape and torch.isfinite(v).all()
         err = rel(v, u)
-        differ = (u != v).float().mean().item()
-        assert err < 1e-3 and differ < 0.05, f"{tuple(u.shape)}: relative error {err:.2e}, {differ:.2%} differ"
+        assert err < (1e-2 if i == 1 else 1e-3), f"result {i} {tuple(u.shape)}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("g", [1, 3])
 @pytest.mark.parametrize("mode", [1, 2])
 def test_backward_from_the_forwards_norm_stats(g, mode):
-    """The adaLN backward reading the forward's LayerNorm mean and rstd (norm_stats) gives the
-    gradients of the one that recomputes them (DiT-XL/2's q/k/v and fc1 launches)."""
+    """The adaLN backward reading the forward's LayerNorm mean and rstd (norm_stats) sees the
+    forward's codes and gives the recomputing one's gradients (DiT-XL/2's q/k/v and fc1 launches)."""
     torch.manual_seed(g + 10 * mode)
     k, b = 1152, 8
     x = (torch.randn(b * 256, k, device=DEV) * 2 + 0.3).bfloat16()
@@ -136,18 +139,18 @@ def test_backward_from_the_forwards_norm_stats(g, mode):
     alpha = torch.linspace(0.5, 1.1, g, device=DEV).reshape(g, 1)
     mod = (torch.randn(b, 2 * k, device=DEV) * 0.3).bfloat16()
     norm = (mod[:, :k], mod[:, k:], 1e-6)
-    fwd = rotate_quantize(x, signs, lay, alpha, 2, True, mode, want_f8=True, norm=norm, want_norm_stats=True)
+    fwd = rotate_quantize(x, signs, lay, alpha, 2, True, mode, out="scaled", norm=norm, want_norm_stats=True)
     grad = torch.randn(g, b * 256, k, device=DEV).bfloat16()
     kw = dict(norm=norm, out_dtype=torch.bfloat16, norm_partials=True)
     recomputed = rotate_quantize_backward(x, grad, signs, lay, alpha, 2, True, mode, **kw)
     read = rotate_quantize_backward(x, grad, signs, lay, alpha, 2, True, mode, norm_stats=fwd["norm_stats"], **kw)
-    assert_same_up_to_the_statistics_rounding(recomputed, read)
+    assert_reads_the_forwards_codes(fwd, recomputed, read)
 
 
 @pytest.mark.parametrize("k,norm", [(1152, True), (1152, False), (4608, False)])
 def test_backward_from_the_forwards_rms_stat(k, norm):
     """The backward reading the forward's per-token rms statistic (and, with the adaLN, its
-    LayerNorm statistics) gives the gradients of the one that recomputes them."""
+    LayerNorm statistics) sees the forward's codes and gives the recomputing one's gradients."""
     torch.manual_seed(k + norm)
     b = 8
     x = (torch.randn(b * 256, k, device=DEV) * 2 + 0.3).bfloat16()
@@ -156,12 +159,12 @@ def test_backward_from_the_forwards_rms_stat(k, norm):
     alpha = torch.full((1, 1), 0.8, device=DEV)
     mod = (torch.randn(b, 2 * k, device=DEV) * 0.3).bfloat16()
     kw = dict(norm=(mod[:, :k], mod[:, k:], 1e-6)) if norm else {}
-    fwd = rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, want_stat=True, want_norm_stats=norm, **kw)
+    fwd = rotate_quantize(x, signs, lay, alpha, 2, True, 1, out="scaled", want_stat=True, want_norm_stats=norm, **kw)
     grad = torch.randn(b * 256, k, device=DEV).bfloat16()
     recomputed = rotate_quantize_backward(x, grad, signs, lay, alpha[0], 2, True, 1, out_dtype=torch.bfloat16, **kw)
     read = rotate_quantize_backward(x, grad, signs, lay, alpha[0], 2, True, 1, out_dtype=torch.bfloat16,
                                     stat=fwd["stat"], norm_stats=fwd.get("norm_stats"), **kw)
-    assert_same_up_to_the_statistics_rounding(recomputed, read)
+    assert_reads_the_forwards_codes(fwd, recomputed, read)
 
 
 @pytest.mark.parametrize("k", [1152, 4608])
