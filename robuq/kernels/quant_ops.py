@@ -208,10 +208,16 @@ def rotate_quantize(
         tdt = _tile_dtype(x, round_to_bf16)
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, dev, _factor_dtype())
         grid = _grid(m, dev, lay, split)
+        n_iter, chunks = triton_cdiv(m, grid[0]), 1
+        if norm is not None:  # programs in runs of one sample's tokens, none of them empty
+            b = m // per_sample
+            n_iter = triton_cdiv(per_sample, max(1, min(per_sample, grid[0] // b)))
+            chunks = triton_cdiv(per_sample, n_iter)
+            grid = (b * chunks,)
         tq.rotq_fwd_kernel[grid](
             x, signs.float().contiguous(), f["left"], f["right"], alpha, i8, f8, o, res["s"], st, scale, shift, nst,
-            m, triton_cdiv(m, grid[0]), x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
-            per_sample, stride_mod, NORM=norm is not None, LN_EPS=ln_eps, W_NSTAT=want_norm_stats,
+            m, n_iter, x.stride(0), alpha.stride(0), alpha.stride(1) if alpha.shape[1] > 1 else 0, m * k, m,
+            per_sample, stride_mod, chunks, NORM=norm is not None, LN_EPS=ln_eps, W_NSTAT=want_norm_stats,
             G=g, RELOAD=_reload(lay, backward=False), **_loop(lay, tdt, backward=False, split=split),
             W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
             num_warps=_warps(lay), **_register_cap(backward=False), **_common(lay, bits, signed, mode, tdt, split, act),

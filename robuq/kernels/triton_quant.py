@@ -251,9 +251,17 @@ def _token_of(pid, it, nprog, M):
 
 
 @triton.jit
+def _sample_token_of(pid, it, chunks, n_iter, tokens_per_sample):
+    """(token, valid) of the it-th step of program pid's run: run pid % chunks of sample pid // chunks
+    (the adaLN launches; past the sample's last token the final token repeats, valid False)."""
+    j = (pid % chunks) * n_iter + it
+    return (pid // chunks) * tokens_per_sample + tl.minimum(j, tokens_per_sample - 1), j < tokens_per_sample
+
+
+@triton.jit
 def rotq_fwd_kernel(
     X, SIGNS, LEFT, RIGHT, ALPHA, CODES_I8, CODES_F8, OUT, S, STAT, SCALE, SHIFT, NSTAT,
-    M, n_iter, stride_x, alpha_sg, alpha_st, codes_sg, s_sg, tokens_per_sample, stride_mod,
+    M, n_iter, stride_x, alpha_sg, alpha_st, codes_sg, s_sg, tokens_per_sample, stride_mod, chunks,
     ROWS: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
     QN: tl.constexpr, QP: tl.constexpr, SIGN1: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr,
     ROTATE: tl.constexpr, HAS_LEFT: tl.constexpr, R_FIRST: tl.constexpr,
@@ -263,6 +271,8 @@ def rotq_fwd_kernel(
     RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr, ACT: tl.constexpr,
     NORM: tl.constexpr, LN_EPS: tl.constexpr, RINT: tl.constexpr, UNROLL: tl.constexpr, W_NSTAT: tl.constexpr,
 ):
+    # NORM: program pid takes a contiguous run of the tokens of sample pid // chunks, whose scale and
+    # shift it loads once (as the backward does)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs, mask, l_offs, r_offs = _token_tile(ROWS, MP, P)
@@ -270,16 +280,20 @@ def rotq_fwd_kernel(
     if not RELOAD:
         L, R = _load_factors(LEFT, RIGHT, l_offs, r_offs)
     K: tl.constexpr = ROWS * P
+    sample = pid // chunks
+    if NORM:
+        sc = tl.load(SCALE + sample * stride_mod + offs, mask=mask, other=0.0)
+        sh = tl.load(SHIFT + sample * stride_mod + offs, mask=mask, other=0.0)
     # STAGES > 1: the next token's loads overlap this one's work; UNROLL: two tokens' chains interleave
     for it in tl.range(0, n_iter, num_stages=STAGES, loop_unroll_factor=UNROLL):
-        t, ok = _token_of(pid, it, nprog, M)
+        if NORM:
+            t, ok = _sample_token_of(pid, it, chunks, n_iter, tokens_per_sample)
+        else:
+            t, ok = _token_of(pid, it, nprog, M)
         mtok = mask & ok
         if RELOAD:  # large tiles: keep the factors out of registers (L1/L2-resident reloads)
             L, R = _load_factors(LEFT, RIGHT, l_offs, r_offs)
         if NORM:
-            mod = (t // tokens_per_sample) * stride_mod + offs
-            sc = tl.load(SCALE + mod, mask=mtok, other=0.0)
-            sh = tl.load(SHIFT + mod, mask=mtok, other=0.0)
             xr, xhat, mean, rstd = _normalized(X + t * stride_x + offs, mtok, K, LN_EPS)
             if W_NSTAT:  # the LayerNorm's statistics, for the backward
                 tl.store(NSTAT + t, mean, mask=ok)
@@ -290,8 +304,6 @@ def rotq_fwd_kernel(
         y = _rotate(x, L, R, ROTATE, HAS_LEFT, R_FIRST, SPLIT1, SPLIT2, DOT_DT)  # sqrt(n) * the rotated token
         st = _stat(y, MODE, K, SQRT_N)
         st = tl.maximum(st, EPS)
-        if W_STAT:
-            tl.store(STAT + t, st, mask=ok)
         for g in tl.static_range(G):
             alpha, s = _token_step(ALPHA + g * alpha_sg + t * alpha_st, st, MODE)
             q = _quantize(y * (1.0 / (s * SQRT_N)), QN, QP, SIGN1, RINT)
@@ -306,6 +318,8 @@ def rotq_fwd_kernel(
                 else:
                     tl.store(OUT + base, q.to(OUT.dtype.element_ty), mask=mtok)
             tl.store(S + g * s_sg + t, s, mask=ok)
+        if W_STAT:
+            tl.store(STAT + t, st, mask=ok)
 
 
 # n_iter is not specialised: on the H100 the K = 1152 backward compiled for n_iter == 1 (as many
@@ -342,9 +356,7 @@ def rotq_bwd_kernel(
     # STAGES > 1: the next token's loads overlap this one's work; UNROLL: two tokens' chains interleave
     for it in tl.range(0, n_iter, num_stages=STAGES, loop_unroll_factor=UNROLL):
         if NORM:
-            j = (pid % chunks) * n_iter + it
-            ok = j < tokens_per_sample
-            t = sample * tokens_per_sample + tl.minimum(j, tokens_per_sample - 1)
+            t, ok = _sample_token_of(pid, it, chunks, n_iter, tokens_per_sample)
         else:
             t, ok = _token_of(pid, it, nprog, M)
         mtok = mask & ok

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from robuq.deploy.pack import pack_ternary  # noqa: E402
 from robuq.kernels.gemm import packed_gemm  # noqa: E402
 from robuq.kernels.qat import use_fused_kernels  # noqa: E402
+from robuq.kernels import quant_ops  # noqa: E402
 from robuq.kernels.quant_ops import rotate_quantize, rotate_quantize_backward  # noqa: E402
 from robuq.kernels.rotation import reference_rotate, rotation_layout  # noqa: E402
 from robuq.kernels.ternary import ternary_weight  # noqa: E402
@@ -347,6 +348,16 @@ def check_fused_norm():
     ref = rotate_quantize(modulate(x, (scale, shift, 1e-6)).reshape(-1, k), signs, lay, alpha, 3, True, 1,
                           out="scaled", out_dtype=torch.float32)
     assert rel(fused["out"], ref["out"]) < 1e-5 and rel(fused["s"], ref["s"]) < 1e-5, rel(fused["out"], ref["out"])
+    # programs in runs of one sample's tokens: with 7 programs' worth of grid, two runs of 3 per
+    # sample, the second with one step past the sample's end; every token written once, same bits
+    grid = quant_ops._grid
+    quant_ops._grid = lambda *a, **kw: (7,)
+    try:
+        runs = rotate_quantize(x.reshape(-1, k), signs, lay, alpha, 3, True, 1, out="scaled", out_dtype=torch.float32,
+                               norm=(scale, shift, 1e-6))
+    finally:
+        quant_ops._grid = grid
+    assert all(torch.equal(runs[n], fused[n]) for n in ("out", "s"))
     # backward: the kernel's gradients through the modulation and the LayerNorm against autograd of
     # torch's ops fed the kernel's own gradient of the modulated input
     for mode, a in [(1, alpha), (0, alpha * 0.3), (2, alpha)]:
