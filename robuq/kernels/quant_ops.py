@@ -339,8 +339,8 @@ def rotate_quantize_backward(
             scale, shift, dscale, dshift, o, ga if norm_stats is None else norm_stats.contiguous(),
             ga if stat is None else stat.contiguous(), m, n_iter, x.stride(0), grad.stride(-2), alpha.stride(0),
             1 if alpha.shape[1] > 1 else 0, m * k, per_sample, stride_mod, chunks, G=g, NORM=norm is not None,
-            LN_EPS=ln_eps, W_OUT=out_dtype is not None, R_NSTAT=norm_stats is not None, R_STAT=stat is not None, num_warps=_warps(lay), **_register_cap(True, cap),
-            RELOAD=_reload(lay, backward=True),
+            LN_EPS=ln_eps, W_OUT=out_dtype is not None, R_NSTAT=norm_stats is not None, R_STAT=stat is not None,
+            num_warps=_warps(lay), **_register_cap(True, cap), RELOAD=_reload(lay, backward=True),
             **_loop(lay, tdt, backward=True, split=split), GSPLIT=GRAD_SPLIT or tdt != torch.bfloat16,
             **_common(lay, bits, signed, mode, tdt, split, act),
         )

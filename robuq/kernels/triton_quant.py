@@ -280,8 +280,8 @@ def rotq_fwd_kernel(
     if not RELOAD:
         L, R = _load_factors(LEFT, RIGHT, l_offs, r_offs)
     K: tl.constexpr = ROWS * P
-    sample = pid // chunks
-    if NORM:
+    if NORM:  # the program's sample's scale and shift, loaded once
+        sample = pid // chunks
         sc = tl.load(SCALE + sample * stride_mod + offs, mask=mask, other=0.0)
         sh = tl.load(SHIFT + sample * stride_mod + offs, mask=mask, other=0.0)
     # STAGES > 1: the next token's loads overlap this one's work; UNROLL: two tokens' chains interleave

@@ -27,6 +27,16 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def assert_value_error(call, ok, what):
+    """``call()`` raises a ValueError whose message passes ``ok``."""
+    try:
+        call()
+    except ValueError as e:
+        assert ok(str(e)), e
+    else:
+        raise AssertionError(f"no error {what}")
+
+
 def check_layouts():
     g = torch.Generator().manual_seed(0)
     for dim, kind, bs in [(192, "kronecker", None), (768, "kronecker", None), (1152, "kronecker", None),
@@ -84,12 +94,7 @@ def check_bad_shapes():
         (lambda: rotate_quantize(torch.zeros(4, 192), signs, lay, alpha, 2, True, 1, act="relu"),
          "unknown fused activation 'relu'; choose one of [None, 'gelu_tanh']"),
     ]:
-        try:
-            call()
-        except ValueError as e:
-            assert words in str(e), e
-        else:
-            raise AssertionError(f"no error for {words}")
+        assert_value_error(call, lambda msg: words in msg, f"for {words}")
     print("bad shapes ok")
 
 
@@ -395,24 +400,15 @@ def check_fused_norm():
                         "rotate_quantize"),
                        (lambda: rotate_quantize_backward(xs, grad, signs, lay, alpha, 3, True, 2, stat=st),
                         "rotate_quantize_backward")]:
-        try:
-            call()
-        except ValueError as e:
-            assert str(e).startswith(f"{name}: "), e
-        else:
-            raise AssertionError(f"no error from {name} for bad statistics")
+        assert_value_error(call, lambda msg: msg.startswith(f"{name}: "), f"from {name} for bad statistics")
     for bad in [(scale[:2], shift[:2], 1e-6), (scale[:, :100], shift[:, :100], 1e-6)]:
         calls = [("rotate_quantize", lambda: rotate_quantize(x.reshape(-1, k), signs, lay, alpha, 3, True, 1,
                                                              want_i8=True, norm=bad)),
                  ("rotate_quantize_backward", lambda: rotate_quantize_backward(x.reshape(-1, k), grad, signs, lay,
                                                                                alpha, 3, True, 1, norm=bad))]
         for name, call in calls:  # the error names the function that was called
-            try:
-                call()
-            except ValueError as e:
-                assert str(e).startswith(f"{name}: norm scale and shift must be [B, 192]"), e
-            else:
-                raise AssertionError(f"no error from {name} for a bad norm")
+            assert_value_error(call, lambda msg: msg.startswith(f"{name}: norm scale and shift must be [B, 192]"),
+                               f"from {name} for a bad norm")
     # no tokens at all: empty codes, zero adaLN gradients (and their partial sums)
     empty = x.reshape(-1, k)[:0]
     norm = (scale, shift, 1e-6)
