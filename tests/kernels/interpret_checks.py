@@ -473,18 +473,16 @@ def check_gated_residual():
     print("gated residual ok")
 
 
-if __name__ == "__main__":
-    check_layouts()
-    check_packed_gemm()
-    check_ternary()
-    check_bad_shapes()
-    check_qat()
-    check_gemm_input_in_backward()
-    check_compiled_fused_path()
-    check_fused_qkv()
-    check_fused_gelu()
-    check_fused_norm()
-    check_gated_residual()
-    check_qat_fused_norms()
+CHECKS = [check_layouts, check_packed_gemm, check_ternary, check_bad_shapes, check_qat, check_gemm_input_in_backward,
+          check_compiled_fused_path, check_fused_qkv, check_fused_gelu, check_fused_norm, check_gated_residual,
+          check_qat_fused_norms]
+
+if __name__ == "__main__":  # the named checks (default: all), then OK
+    by_name = {c.__name__: c for c in CHECKS}
+    unknown = [n for n in sys.argv[1:] if n not in by_name]
+    if unknown:
+        sys.exit(f"interpret_checks: unknown checks {unknown}; known: {list(by_name)}")
+    for name in sys.argv[1:] or list(by_name):
+        by_name[name]()
     print("OK")
     sys.exit(0)
