@@ -161,14 +161,13 @@ def launch_calls(m, k, g, norm, samples, device="cuda"):
     kw = dict(norm=(mod[:, :k], mod[:, k:], 1e-6)) if norm else {}
     # the forward writes each token's rms statistic (and with the adaLN its LayerNorm mean and rstd),
     # and the backward reads them, as the QAT step does
-    var, mean = torch.var_mean(x.float(), dim=1, unbiased=False)
-    u = x.float()
+    u, fkw, bkw = x.float(), dict(want_stat=True), {}
     if norm:
-        per = m // samples
-        u = F.layer_norm(u, (k,)) * (1 + mod[:, :k].float().repeat_interleave(per, 0)) + mod[:, k:].float().repeat_interleave(per, 0)
-    fkw, bkw = dict(want_stat=True), dict(stat=u.square().mean(1).sqrt())
-    if norm:
+        var, mean = torch.var_mean(u, dim=1, unbiased=False)
+        sc, sh = (t.float().repeat_interleave(m // samples, 0) for t in (mod[:, :k], mod[:, k:]))
+        u = F.layer_norm(u, (k,)) * (1 + sc) + sh
         fkw["want_norm_stats"], bkw["norm_stats"] = True, torch.stack([mean, torch.rsqrt(var + 1e-6)])
+    bkw["stat"] = u.square().mean(1).sqrt()
     fwd = lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, **kw, **fkw)  # noqa: E731
     bwd = lambda: rotate_quantize_backward(x, grad, signs, lay, alpha, 2, True, 1, out_dtype=torch.bfloat16,  # noqa: E731
                                            **kw, **bkw)
