@@ -9,9 +9,8 @@ Prints (and writes as JSON with --json):
      (quantize kernel, cuBLAS fp8 _scaled_mm, packed Triton GEMM) and our whole layer;
      the adaLN modulation shape (1152 -> 6912) at one row per sample;
   3. whole-model forward (random init): bf16 vs packed vs torchao int8 dynamic (where it installs;
-     eager and under torch.compile per block, as torchao's docs run it but per block to bound the
-     compile time), eager and CUDA graph, peak memory,
-     model weight bytes, and the exported file size;
+     eager, and compiled block by block: torchao's docs compile the model, per block bounds the
+     compile time), eager and CUDA graph, peak memory, model weight bytes, and the exported file size;
   4. 250-step DDPM sampling wall time at batch 8 with CFG through RobuQDiTPipeline, eager and
      with CUDAGraphDiT, bf16 vs packed.
 Times are medians of ``triton.testing.do_bench`` (CUDA events); ratios are bf16 time / ours.
@@ -430,7 +429,7 @@ def forward_bench(res, batches, bits, profile_batch=None, torchao="both"):
               ("bf16, as sampling runs it", AutocastFP32Input(bf16)), ("ours, as sampling runs it", AutocastFP32Input(packed))]
     ao = torchao_int8(bf16) if torchao != "none" else ("not run (--torchao none)",)
     res["torchao"] = ao[0] if isinstance(ao, tuple) else "int8 dynamic activation, int8 weight"
-    if not isinstance(ao, tuple):  # eager, and compiled as torchao's docs run it
+    if not isinstance(ao, tuple):  # eager, and compiled (per block) as torchao's docs advise
         models.append(("torchao int8", ao))
         if torchao == "both":
             models.append(("torchao int8, compiled", compiled_per_block(torchao_int8(bf16))))

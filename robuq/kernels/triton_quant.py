@@ -271,8 +271,7 @@ def rotq_fwd_kernel(
     RELOAD: tl.constexpr, STAGES: tl.constexpr, X16: tl.constexpr, ACT: tl.constexpr,
     NORM: tl.constexpr, LN_EPS: tl.constexpr, RINT: tl.constexpr, UNROLL: tl.constexpr, W_NSTAT: tl.constexpr,
 ):
-    # NORM: program pid takes a contiguous run of the tokens of sample pid // chunks, whose scale and
-    # shift it loads once (as the backward does)
+    # NORM: program pid takes a contiguous run of the tokens of sample pid // chunks (as the backward)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs, mask, l_offs, r_offs = _token_tile(ROWS, MP, P)

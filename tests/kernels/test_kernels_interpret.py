@@ -33,6 +33,6 @@ def test_kernels_under_interpreter():
     script = str(Path(__file__).with_name("interpret_checks.py"))
     runs = [subprocess.Popen([sys.executable, script, *group], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for group in GROUPS]
-    for group, p in zip(GROUPS, runs):
-        out, err = p.communicate(timeout=900)
+    outputs = [p.communicate(timeout=900) for p in runs]  # both finish before either is judged
+    for group, p, (out, err) in zip(GROUPS, runs, outputs):
         assert p.returncode == 0 and out.strip().endswith("OK"), f"{group}:\n" + out[-3000:] + err[-3000:]
