@@ -180,11 +180,12 @@ def launch_key(name: str) -> str:
 
 
 def sweep_launches(m, samples, per_sms, stages_list, caps, only=None):
-    """Each launch at every programs-per-SM x pipeline-stages x register-cap setting (the tile's and
-    the adaLN backward's own overrides off)."""
+    """Each launch at every programs-per-SM x pipeline-stages x register-cap setting (the tile's, the
+    forward's and the adaLN backward's own overrides off)."""
     saved = (dict(quant_ops.PROGRAMS_PER_SM_BY_TILE), quant_ops.PROGRAMS_PER_SM, dict(quant_ops.NUM_STAGES),
-             dict(quant_ops.MAX_REGISTERS), dict(quant_ops.NORM_BACKWARD))
+             dict(quant_ops.MAX_REGISTERS), dict(quant_ops.NORM_BACKWARD), dict(quant_ops.FORWARD))
     quant_ops.NORM_BACKWARD.clear()
+    quant_ops.FORWARD.clear()
     for name, k, g, norm in QAT_LAUNCHES:
         if only and launch_key(name) not in only:
             continue
@@ -205,6 +206,7 @@ def sweep_launches(m, samples, per_sms, stages_list, caps, only=None):
     quant_ops.NUM_STAGES.update(saved[2])
     quant_ops.MAX_REGISTERS.update(saved[3])
     quant_ops.NORM_BACKWARD.update(saved[4])
+    quant_ops.FORWARD.update(saved[5])
 
 
 if __name__ == "__main__":

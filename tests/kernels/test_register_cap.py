@@ -58,3 +58,28 @@ def test_adaln_backward_launch_settings_reach_the_launch(monkeypatch):
     assert cap_of(1) == quant_ops.NORM_BACKWARD[lay.MP * lay.P, 1]["maxnreg"] and cap_of(3) is None
     monkeypatch.setitem(quant_ops.MAX_REGISTERS, "backward", 96)
     assert cap_of(1) == 96 and cap_of(3) == 96 and cap_of(1, 768) == 96
+
+
+def test_forward_launch_settings_reach_the_launch(monkeypatch):
+    """quant_ops.FORWARD: DiT-XL/2's out forward (one quantizer, no adaLN, K = 1152) is launched
+    with its register cap and compiles within it, storing the rms statistic; fc1's (the adaLN in
+    front) and q/k/v's (three quantizers) without; a cap in MAX_REGISTERS wins."""
+    k = 1152
+    lay = rotation_layout(k, "kronecker", None)
+    x = torch.randn(64, k, dtype=torch.bfloat16)
+    mod = torch.randn(2, 2 * k, dtype=torch.bfloat16)
+
+    def launch(g, norm):
+        with captured_launches() as (fwd, _):
+            quant_ops.rotate_quantize(x, torch.ones(k), lay, torch.full((g, 1), 0.5), 2, True, 1, want_f8=True,
+                                      want_stat=True, norm=(mod[:, :k], mod[:, k:], 1e-6) if norm else None)
+        return fwd
+
+    out = launch(1, False)
+    cap = quant_ops.FORWARD[lay.MP * lay.P, 1, False]["maxnreg"]
+    assert out.call[1].get("maxnreg") == cap
+    usage = resource_usage(out, None)
+    assert _registers(usage) <= cap and " 0 B stack" in usage, usage
+    assert launch(1, True).call[1].get("maxnreg") is None and launch(3, False).call[1].get("maxnreg") is None
+    monkeypatch.setitem(quant_ops.MAX_REGISTERS, "forward", 96)
+    assert launch(1, False).call[1].get("maxnreg") == 96 and launch(1, True).call[1].get("maxnreg") == 96
