@@ -94,8 +94,15 @@ NORM_BACKWARD: dict[tuple[int, int], dict[str, int]] = {
 # quantizer, no adaLN) takes 67 registers once it stores the rms statistic for the backward, and 8
 # programs per SM need <= 64; at a cap of 64 ptxas compiles it without spills (offline, sm_90,
 # benchmarks/kernel_regs.py). Not GPU-measured: P68 timed that launch at 26.6 us against 21.0 us
-# before the store. A register cap set in MAX_REGISTERS wins over these.
-FORWARD: dict[tuple[int, int, bool], dict[str, int]] = {(64 * 32, 1, False): {"maxnreg": 64}}
+# before the store. The adaLN forwards (q/k/v: three quantizers, fc1: one) take 102-105 registers
+# since they hold their sample's scale and shift across the token loop, so 4 programs fit on an SM:
+# at the default 8 per SM their runs took two waves, at 4 they take one. Not GPU-measured either.
+# A register cap set in MAX_REGISTERS wins over these.
+FORWARD: dict[tuple[int, int, bool], dict[str, int]] = {
+    (64 * 32, 1, False): {"maxnreg": 64},
+    (64 * 32, 3, True): {"programs_per_sm": 4},
+    (64 * 32, 1, True): {"programs_per_sm": 4},
+}
 
 
 def _forward(lay: RotationLayout, g: int, norm: bool) -> dict[str, int]:
@@ -221,7 +228,8 @@ def rotate_quantize(
     if m:
         tdt = _tile_dtype(x, round_to_bf16)
         f = rotation_factors(lay.dim, lay.kind, None if lay.kind != "block" else lay.P, dev, _factor_dtype())
-        grid = _grid(m, dev, lay, split)
+        settings = _forward(lay, g, norm is not None)
+        grid = _grid(m, dev, lay, split, per_sm=settings.get("programs_per_sm"))
         n_iter, chunks = triton_cdiv(m, grid[0]), 1
         if norm is not None:  # programs in runs of one sample's tokens, none of them empty
             b = m // per_sample
@@ -234,7 +242,7 @@ def rotate_quantize(
             per_sample, stride_mod, chunks, NORM=norm is not None, LN_EPS=ln_eps, W_NSTAT=want_norm_stats,
             G=g, RELOAD=_reload(lay, backward=False), **_loop(lay, tdt, backward=False, split=split),
             W_I8=want_i8, W_F8=want_f8, W_OUT=out is not None, OUT_SCALED=(out == "scaled"), W_STAT=want_stat,
-            num_warps=_warps(lay), **_register_cap(False, _forward(lay, g, norm is not None).get("maxnreg")),
+            num_warps=_warps(lay), **_register_cap(False, settings.get("maxnreg")),
             **_common(lay, bits, signed, mode, tdt, split, act),
         )
     if want_i8:

@@ -83,3 +83,34 @@ def test_forward_launch_settings_reach_the_launch(monkeypatch):
     assert launch(1, True).call[1].get("maxnreg") is None and launch(3, False).call[1].get("maxnreg") is None
     monkeypatch.setitem(quant_ops.MAX_REGISTERS, "forward", 96)
     assert launch(1, False).call[1].get("maxnreg") == 96 and launch(1, True).call[1].get("maxnreg") == 96
+
+
+def test_adaln_forward_programs_per_sm_reach_the_grid(monkeypatch):
+    """quant_ops.FORWARD's programs per SM size the adaLN forward's grid (DiT-XL/2 at batch 32 on a
+    132-SM GPU): runs of one sample's tokens, none empty: 16 runs of 16 tokens per sample at 4
+    programs per SM, 32 runs of 8 at the default 8."""
+    k, samples, per_sample = 1152, 32, 256
+    lay = rotation_layout(k, "kronecker", None)
+    tq, grid_on_a_gpu, shipped = quant_ops.tq, quant_ops._grid, quant_ops.FORWARD
+    n_iter_at = tq.rotq_fwd_kernel.arg_names.index("n_iter")
+    launches = []
+
+    class Launch:  # records (programs, n_iter), launches nothing
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((grid[0], args[n_iter_at]))
+
+    monkeypatch.setattr(tq, "rotq_fwd_kernel", Launch())
+    monkeypatch.setattr(tq, "INTERPRET", False)
+    monkeypatch.setattr(quant_ops, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(quant_ops, "_grid", lambda m, device, *a, **kw: grid_on_a_gpu(m, torch.device("cuda", 0),
+                                                                                       *a, **kw))
+    x = torch.empty(samples * per_sample, k, dtype=torch.bfloat16, device="meta")
+    mod = torch.empty(samples, 2 * k, dtype=torch.bfloat16, device="meta")
+    norm = (mod[:, :k], mod[:, k:], 1e-6)
+    for g in (1, 3):
+        assert shipped[lay.MP * lay.P, g, True]["programs_per_sm"] == 4
+        for table, want in [(shipped, (samples * 16, 16)), ({}, (samples * 32, 8))]:
+            monkeypatch.setattr(quant_ops, "FORWARD", table)
+            quant_ops.rotate_quantize(x, torch.ones(k, device="meta"), lay, torch.full((g, 1), 0.5, device="meta"),
+                                      2, True, 1, want_f8=True, norm=norm)
+            assert launches[-1] == want, (g, launches[-1])
