@@ -8,11 +8,13 @@ Prints (and writes as JSON with --json):
   2. per-layer GEMM times at DiT-XL/2 shapes with --tokens rows: bf16 F.linear vs our pieces
      (quantize kernel, cuBLAS fp8 _scaled_mm, packed Triton GEMM) and our whole layer;
      the adaLN modulation shape (1152 -> 6912) at one row per sample;
-  3. whole-model forward (random init): bf16 vs packed vs torchao int8 dynamic (where it installs;
-     eager, and compiled block by block: torchao's docs compile the model, per block bounds the
-     compile time), eager and CUDA graph, peak memory, model weight bytes, and the exported file size;
+  3. whole-model forward (random init): bf16 vs packed, eager and CUDA graph, peak memory, model
+     weight bytes, and the exported file size;
   4. 250-step DDPM sampling wall time at batch 8 with CFG through RobuQDiTPipeline, eager and
-     with CUDAGraphDiT, bf16 vs packed.
+     with CUDAGraphDiT, bf16 vs packed;
+  5. last (its compile can take minutes, so the tables above are out first): torchao int8 dynamic
+     where it installs, eager and compiled block by block (torchao's docs compile the model; per
+     block bounds the compile time), against the bf16 rows of 3.
 Times are medians of ``triton.testing.do_bench`` (CUDA events); ratios are bf16 time / ours.
 """
 
@@ -427,38 +429,17 @@ def forward_bench(res, batches, bits, profile_batch=None, torchao="both"):
     models = [("bf16", bf16), ("ours", packed), ("ours, norms apart", norms_apart),
               ("bf16, contiguous stream", bf16_contiguous), ("ours, fast rotation", fast),
               ("bf16, as sampling runs it", AutocastFP32Input(bf16)), ("ours, as sampling runs it", AutocastFP32Input(packed))]
-    ao = torchao_int8(bf16) if torchao != "none" else ("not run (--torchao none)",)
-    res["torchao"] = ao[0] if isinstance(ao, tuple) else "int8 dynamic activation, int8 weight"
-    if not isinstance(ao, tuple):  # eager, and compiled (per block) as torchao's docs advise
-        models.append(("torchao int8", ao))
-        if torchao == "both":
-            models.append(("torchao int8, compiled", compiled_per_block(torchao_int8(bf16))))
-    print(f"torchao: {res['torchao']}")
     if profile_batch:
         kernel_profile(res, models[:4], inputs(profile_batch, torch.bfloat16))
     rows, out = [], []
     for bs in batches:
         xb, tb, yb = inputs(bs, torch.bfloat16)
-        entry = dict(batch=bs)
-        for name, model in models:
-            with torch.no_grad():
-                model(xb, timestep=tb, class_labels=yb)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                te = bench(lambda: model(xb, timestep=tb, class_labels=yb), rep=300)
-                peak = torch.cuda.max_memory_allocated()
-            tg = graph_time(model, (xb, tb, yb))
-            entry[name] = dict(eager_ms=te, graph_ms=tg, peak_bytes=peak, activation_peak_bytes=peak - base)
+        entry = dict(batch=bs, **{name: time_forward(model, (xb, tb, yb)) for name, model in models})
         rows.append([bs, f"{entry['bf16']['eager_ms']:.2f}", f"{entry['ours']['eager_ms']:.2f}",
                      f"{entry['bf16']['eager_ms'] / entry['ours']['eager_ms']:.2f}x",
                      graph_cell(entry["bf16"]["graph_ms"]), graph_cell(entry["ours"]["graph_ms"]),
-                     "n/a" if None in (entry["bf16"]["graph_ms"], entry["ours"]["graph_ms"])
-                     else f"{entry['bf16']['graph_ms'] / entry['ours']['graph_ms']:.2f}x",
-                     f"{entry['bf16']['peak_bytes'] / 2**30:.2f}", f"{entry['ours']['peak_bytes'] / 2**30:.2f}"]
-                    + [cell for name in ("torchao int8", "torchao int8, compiled")
-                       for cell in ([f"{entry[name]['eager_ms']:.2f}", graph_cell(entry[name]["graph_ms"])]
-                                    if name in entry else ["n/a", "n/a"])])
+                     graph_ratio(entry["bf16"], entry["ours"]),
+                     f"{entry['bf16']['peak_bytes'] / 2**30:.2f}", f"{entry['ours']['peak_bytes'] / 2**30:.2f}"])
         out.append(entry)
     res["forward"] = out
     for entry in out:
@@ -475,15 +456,17 @@ def forward_bench(res, batches, bits, profile_batch=None, torchao="both"):
         b, o = entry["bf16, as sampling runs it"], entry["ours, as sampling runs it"]
         print(f"batch {entry['batch']}: fp32 input under bf16 autocast (how RobuQDiTPipeline calls the model): bf16 "
               f"graph {graph_cell(b['graph_ms'])} ms, ours {graph_cell(o['graph_ms'])} ms")
-    table(f"DiT-XL/2 forward (ms, median), bf16 vs packed W1.58A{bits} (vs torchao int8 dynamic)",
-          ["batch", "bf16 eager", "ours eager", "ratio", "bf16 graph", "ours graph", "ratio", "bf16 peak GiB", "ours peak GiB",
-           "torchao eager", "torchao graph", "torchao compiled", "torchao compiled, graph"], rows)
+    table(f"DiT-XL/2 forward (ms, median), bf16 vs packed W1.58A{bits}",
+          ["batch", "bf16 eager", "ours eager", "ratio", "bf16 graph", "ours graph", "ratio", "bf16 peak GiB",
+           "ours peak GiB"], rows)
     try:
         sampling_bench(res, [("bf16", bf16), ("ours", packed), ("bf16, contiguous stream", bf16_contiguous),
                              ("ours, fast rotation", fast)])
     except Exception as e:  # noqa: BLE001  (keep the tables above in the JSON)
         res["sampling"] = f"failed: {type(e).__name__}: {e}"
         print(f"sampling benchmark failed: {type(e).__name__}: {e}")
+    del packed, norms_apart, fast, bf16_contiguous, models
+    torchao_bench(res, bf16, batches, torchao)  # last: its compile can take minutes, the tables above are out
     del bf16, teacher
 
 
@@ -512,6 +495,52 @@ def kernel_profile(res, models, args):
 
 def graph_cell(ms):
     return "n/a" if ms is None else f"{ms:.2f}"
+
+
+def graph_ratio(base, ours):
+    """base / ours of two time_forward entries' CUDA-graph times ("n/a" where a capture failed)."""
+    return "n/a" if None in (base["graph_ms"], ours["graph_ms"]) else f"{base['graph_ms'] / ours['graph_ms']:.2f}x"
+
+
+def time_forward(model, args):
+    """Eager median ms, CUDA-graph median ms (None if capture fails) and peak bytes of model(*args)."""
+    xb, tb, yb = args
+    with torch.no_grad():
+        model(xb, timestep=tb, class_labels=yb)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        te = bench(lambda: model(xb, timestep=tb, class_labels=yb), rep=300)
+        peak = torch.cuda.max_memory_allocated()
+    return dict(eager_ms=te, graph_ms=graph_time(model, args), peak_bytes=peak, activation_peak_bytes=peak - base)
+
+
+def torchao_bench(res, bf16, batches, torchao="both"):
+    """torchao int8 dynamic (where it installs), eager and compiled per block, against the bf16 rows of
+    res["forward"] (same run). Each row prints as it is measured: the compile can take minutes."""
+    ao = torchao_int8(bf16) if torchao != "none" else ("not run (--torchao none)",)
+    res["torchao"] = ao[0] if isinstance(ao, tuple) else "int8 dynamic activation, int8 weight"
+    print(f"\ntorchao: {res['torchao']}", flush=True)
+    if isinstance(ao, tuple):
+        return
+    models = [("torchao int8", ao)]
+    if torchao == "both":  # compiled per block, as torchao's docs advise compiling
+        models.append(("torchao int8, compiled", compiled_per_block(torchao_int8(bf16))))
+    rows = []
+    for name, model in models:
+        for entry in res["forward"]:
+            args = inputs(entry["batch"], torch.bfloat16)
+            t0 = time.time()
+            with torch.no_grad():
+                model(args[0], timestep=args[1], class_labels=args[2])  # compiles, for the compiled model
+            first_s = time.time() - t0
+            entry[name] = dict(time_forward(model, args), first_call_s=first_s)
+            e, b = entry[name], entry["bf16"]
+            rows.append([name, entry["batch"], f"{first_s:.1f}", f"{e['eager_ms']:.2f}", graph_cell(e["graph_ms"]),
+                         f"{b['eager_ms'] / e['eager_ms']:.2f}x", graph_ratio(b, e)])
+            print(f"  {' | '.join(str(c) for c in rows[-1])}", flush=True)
+    table("DiT-XL/2 forward (ms, median), torchao int8 dynamic; ratios: bf16 (same run) / torchao",
+          ["model", "batch", "first call s", "eager", "graph", "eager ratio", "graph ratio"], rows)
 
 
 def torchao_int8(bf16):
