@@ -533,6 +533,7 @@ def torchao_bench(res, bf16, batches, torchao="both"):
             t0 = time.time()
             with torch.no_grad():
                 model(args[0], timestep=args[1], class_labels=args[2])  # compiles, for the compiled model
+            torch.cuda.synchronize()
             first_s = time.time() - t0
             entry[name] = dict(time_forward(model, args), first_call_s=first_s)
             e, b = entry[name], entry["bf16"]

@@ -93,11 +93,10 @@ NORM_BACKWARD: dict[tuple[int, int], dict[str, int]] = {
 # programs within a register boundary: DiT-XL/2's out forward (K = 1152 tile [64, 32], one
 # quantizer, no adaLN) takes 67 registers once it stores the rms statistic for the backward, and 8
 # programs per SM need <= 64; at a cap of 64 ptxas compiles it without spills (offline, sm_90,
-# benchmarks/kernel_regs.py). Not GPU-measured: P68 timed that launch at 26.6 us against 21.0 us
-# before the store. The adaLN forwards (q/k/v: three quantizers, fc1: one) take 102-105 registers
-# since they hold their sample's scale and shift across the token loop, so 4 programs fit on an SM:
-# at the default 8 per SM their runs took two waves, at 4 they take one. Not GPU-measured either.
-# A register cap set in MAX_REGISTERS wins over these.
+# benchmarks/kernel_regs.py): 26.6 -> 21.4 us on an H200 (P72). The adaLN forwards (q/k/v: three
+# quantizers, fc1: one) take 100-105 registers since they hold their sample's scale and shift across
+# the token loop, so 4 programs fit on an SM: at the default 8 per SM their runs took two waves, at 4
+# they take one (P72: 52.1 -> 50.8 and 38.1 -> 36.8 us). A cap set in MAX_REGISTERS wins over these.
 FORWARD: dict[tuple[int, int, bool], dict[str, int]] = {
     (64 * 32, 1, False): {"maxnreg": 64},
     (64 * 32, 3, True): {"programs_per_sm": 4},
