@@ -544,6 +544,16 @@ def torchao_bench(res, bf16, batches, torchao="both"):
           ["model", "batch", "first call s", "eager", "graph", "eager ratio", "graph ratio"], rows)
 
 
+def torchao_only(res, batches, torchao):
+    """The bf16 forward per batch, then torchao_bench against it (``--only-torchao``)."""
+    bf16 = build_xl(torch.bfloat16).eval()
+    res["forward"] = [dict(batch=bs, bf16=time_forward(bf16, inputs(bs, torch.bfloat16))) for bs in batches]
+    for entry in res["forward"]:
+        print(f"bf16, batch {entry['batch']}: eager {entry['bf16']['eager_ms']:.2f} ms, graph "
+              f"{graph_cell(entry['bf16']['graph_ms'])} ms", flush=True)
+    torchao_bench(res, bf16, batches, torchao)
+
+
 def torchao_int8(bf16):
     """A copy of the bf16 model under torchao's int8 dynamic-activation / int8-weight config (every
     nn.Linear), or a one-item tuple with the reason it is unavailable."""
@@ -618,18 +628,23 @@ def main():
     ap.add_argument("--torchao", choices=["both", "eager", "none"], default="both",
                     help="torchao int8 dynamic rows, where it installs: eager and compiled (torch.compile per "
                          "block adds compile time at each batch size), eager only, or none")
+    ap.add_argument("--only-torchao", action="store_true",
+                    help="just the bf16 forward and torchao's rows (its compile takes minutes; ours are measured elsewhere)")
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, bits=args.bits)
     print(f"GPU: {res['gpu']} | torch {res['torch']} | triton {res['triton']}")
-    ceilings(res)
-    overheads(res)
-    if args.sweep:
-        packed_sweep(res)
-    if not args.no_layers:
-        layer_bench(res, args.tokens, args.bits)
-    if not args.no_forward:
-        forward_bench(res, args.batches, args.bits, args.profile, args.torchao)
+    if args.only_torchao:
+        torchao_only(res, args.batches, args.torchao)
+    else:
+        ceilings(res)
+        overheads(res)
+        if args.sweep:
+            packed_sweep(res)
+        if not args.no_layers:
+            layer_bench(res, args.tokens, args.bits)
+        if not args.no_forward:
+            forward_bench(res, args.batches, args.bits, args.profile, args.torchao)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 
