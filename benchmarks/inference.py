@@ -424,8 +424,7 @@ def forward_bench(res, batches, bits, profile_batch=None, torchao="both"):
           f"{agree_fast:.2e} (fast rotation)")
     # diffusers' residual stream is a transposed view (from the patch embedding), which slows every
     # elementwise op of the bf16 model; the same model with a contiguous stream, for a fair comparison
-    bf16_contiguous = copy.deepcopy(bf16)
-    bf16_contiguous.pos_embed.register_forward_hook(lambda module, args, out: out.contiguous())
+    bf16_contiguous = contiguous_stream(copy.deepcopy(bf16))
     models = [("bf16", bf16), ("ours", packed), ("ours, norms apart", norms_apart),
               ("bf16, contiguous stream", bf16_contiguous), ("ours, fast rotation", fast),
               ("bf16, as sampling runs it", AutocastFP32Input(bf16)), ("ours, as sampling runs it", AutocastFP32Input(packed))]
@@ -525,7 +524,9 @@ def torchao_bench(res, bf16, batches, torchao="both"):
         return
     models = [("torchao int8", ao)]
     if torchao == "both":  # compiled per block, as torchao's docs advise compiling
-        models.append(("torchao int8, compiled", compiled_per_block(torchao_int8(bf16))))
+        # with a contiguous stream: otherwise block 0's transposed input costs a second compile (P77:
+        # minutes each on the device machine)
+        models.append(("torchao int8, compiled", compiled_per_block(contiguous_stream(torchao_int8(bf16)))))
     rows = []
     for name, model in models:
         for entry in res["forward"]:
@@ -571,11 +572,18 @@ def torchao_int8(bf16):
         return (f"unavailable: {type(e).__name__}: {str(e)[:160]}",)
 
 
+def contiguous_stream(model):
+    """``model`` with its residual stream made contiguous after the patch embedding (diffusers hands
+    the first block a transposed view and the others contiguous tensors)."""
+    model.pos_embed.register_forward_hook(lambda module, args, out: out.contiguous())
+    return model
+
+
 def compiled_per_block(model):
     """``model`` with each transformer block compiled in place (regional compilation, as torch's
-    recipe for repeated blocks and our own ``compile_blocks`` do): one block's graph serves all 28, so
-    it compiles in seconds where ``torch.compile(model)`` of DiT-XL/2 under torchao outlasted a 170 s
-    run (P69)."""
+    recipe for repeated blocks and our own ``compile_blocks`` do): one block's graph serves all 28
+    blocks of the same input layout. ``torch.compile(model)`` of DiT-XL/2 under torchao outlasted a
+    170 s run (P69); one block's graph took about 4 minutes on the device machine (P77)."""
     for block in model.transformer_blocks:
         block.compile()
     return model
