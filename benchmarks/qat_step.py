@@ -17,6 +17,8 @@ Rows (issue 7):
      as a plain bf16 model (robuq.models.frozen_forward, what DiTModule does)
   da (d) with the teacher under the step's autocast (before session 7: its LayerNorms in fp32)
   dn (d) with the student's adaLN inside the kernels, as cn: the full step as it ships
+  cnf, dnf  (cn), (dn) with the one-rounding rotation (use_fused_kernels(exact_rotation=False),
+       --model.exact_rotation false): opt-in
 
     python benchmarks/qat_step.py [--rows a b c cn d dn] [--modes eager compile-regional graph] [--steps 10]
 
@@ -313,7 +315,8 @@ def main():
                      "c3": "c3 fused, q/k/v apart", "cg": "cg fused, GELU in kernel", "cn": "cn fused, adaLN in kernel",
                      "cnk": "cnk (cn), q*s kept from fwd",
                      "d": "d QAT fused + teacher", "da": "da (d), teacher autocast",
-                     "dn": "dn (d), adaLN in kernel"}[row]
+                     "dn": "dn (d), adaLN in kernel", "cnf": "cnf (cn), one-rounding rot.",
+                     "dnf": "dnf (dn), one-rounding rot."}[row]
             qat.FP8_FORWARD = row != "c16"
             qat.GEMM_INPUT_IN_BACKWARD = row != "cnk"
             try:
@@ -322,8 +325,10 @@ def main():
                     model = build_xl().train()
                 else:
                     model = make_student(args.bits)
-                    if row in ("c", "c16", "c3", "cg", "cn", "cnk", "d", "da", "dn"):
-                        fused = use_fused_kernels(model, fuse_activations=row == "cg", fuse_norms=row in ("cn", "cnk", "dn"))
+                    if row in ("c", "c16", "c3", "cg", "cn", "cnk", "cnf", "d", "da", "dn", "dnf"):
+                        fused = use_fused_kernels(model, fuse_activations=row == "cg",
+                                                  fuse_norms=row in ("cn", "cnk", "cnf", "dn", "dnf"),
+                                                  exact_rotation=row not in ("cnf", "dnf"))
                         if row == "c3":
                             from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
@@ -331,7 +336,7 @@ def main():
                                 if isinstance(m, Attention):
                                     m.set_processor(AttnProcessor2_0())
                         print(f"  {label}: {sum(fused.values())}/{len(fused)} layers fused")
-                    if row in ("d", "da", "dn"):
+                    if row in ("d", "da", "dn", "dnf"):
                         teacher = build_xl().to(torch.bfloat16).eval().requires_grad_(False)
                 r = run_row(label, model, teacher, args.batch, args.steps, mode, args.profile, teacher_autocast=row == "da")
                 results.append(r)

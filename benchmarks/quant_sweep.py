@@ -125,33 +125,38 @@ QAT_LAUNCHES = [("q/k/v (adaLN)", 1152, 3, True), ("out", 1152, 1, False), ("fc1
 
 
 def qat_launches(m: int, bw: float, json_path: str | None, samples: int = 32, blocks: int = 28, settings=None):
-    """GPU us of each rotate+quantize launch of a DiT-XL/2 block's QAT step (A2, rms, bf16 input,
-    exact rotation): the forward writes e4m3 codes, the backward the weight gradient's input too.
+    """GPU us of each rotate+quantize launch of a DiT-XL/2 block's QAT step (A2, rms, bf16 input), with
+    the exact and the one-rounding rotation (``use_fused_kernels(exact_rotation=False)``) side by side:
+    the forward writes e4m3 codes, the backward the weight gradient's input too.
     ``settings = (programs per SM, stages, register caps, launch keys or None)`` lists: also time each
     combination (JSON lines)."""
     rows = []
     if settings:
         sweep_launches(m, samples, *settings)
     for name, k, g, norm in QAT_LAUNCHES:
-        run_f, run_b = launch_calls(m, k, g, norm, samples)
-        fwd, bwd = gbench(run_f) * 1e3, gbench(run_b) * 1e3
+        row = dict(launch=name, K=k, G=g, norm=norm)
+        for split, tag in ((True, ""), (False, "_one_rounding")):
+            run_f, run_b = launch_calls(m, k, g, norm, samples, split=split)
+            row[f"fwd{tag}_us"], row[f"bwd{tag}_us"] = round(gbench(run_f) * 1e3, 1), round(gbench(run_b) * 1e3, 1)
         # bytes: forward reads x, writes G code tensors; backward reads x and G gradients, writes dx and G inputs
-        floor_f, floor_b = m * k * (2 + g) / bw * 1e6, m * k * (2 + 4 * g + 2) / bw * 1e6
-        rows.append(dict(launch=name, K=k, G=g, norm=norm, fwd_us=round(fwd, 1), bwd_us=round(bwd, 1),
-                         fwd_floor_us=round(floor_f, 1), bwd_floor_us=round(floor_b, 1)))
-        print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{m} tokens, A2 rms, exact rotation, GPU us per launch (floor: bytes at the copy rate)")
+        row.update(fwd_floor_us=round(m * k * (2 + g) / bw * 1e6, 1), bwd_floor_us=round(m * k * (2 + 4 * g + 2) / bw * 1e6, 1))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{m} tokens, A2 rms, GPU us per launch, exact / one-rounding rotation (floor: bytes at the copy rate)")
     print("| launch | fwd | fwd floor | bwd | bwd floor |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['launch']} | {r['fwd_us']} | {r['fwd_floor_us']} | {r['bwd_us']} | {r['bwd_floor_us']} |")
-    tf, tb = sum(r["fwd_us"] for r in rows) * blocks / 1e3, sum(r["bwd_us"] for r in rows) * blocks / 1e3
-    print(f"x {blocks} blocks: forward {tf:.2f} ms, backward {tb:.2f} ms per step")
+        print(f"| {r['launch']} | {r['fwd_us']} / {r['fwd_one_rounding_us']} | {r['fwd_floor_us']} | "
+              f"{r['bwd_us']} / {r['bwd_one_rounding_us']} | {r['bwd_floor_us']} |")
+    for tag, what in (("", "exact"), ("_one_rounding", "one-rounding")):
+        tf, tb = (sum(r[f"{d}{tag}_us"] for r in rows) * blocks / 1e3 for d in ("fwd", "bwd"))
+        print(f"x {blocks} blocks, {what} rotation: forward {tf:.2f} ms, backward {tb:.2f} ms per step")
     if json_path:
         json.dump(dict(copy_tb_s=bw / 1e12, rows=rows), open(json_path, "w"), indent=1)
 
 
-def launch_calls(m, k, g, norm, samples, device="cuda"):
-    """(forward, backward): zero-argument calls of one QAT launch (``QAT_LAUNCHES`` entry) on random inputs."""
+def launch_calls(m, k, g, norm, samples, device="cuda", split=True):
+    """(forward, backward): zero-argument calls of one QAT launch (``QAT_LAUNCHES`` entry) on random inputs
+    (``split=False``: the one-rounding rotation)."""
     lay = rotation_layout(k, "kronecker", None)
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
     grad = torch.randn(g, m, k, device=device, dtype=torch.bfloat16)
@@ -168,9 +173,9 @@ def launch_calls(m, k, g, norm, samples, device="cuda"):
         u = F.layer_norm(u, (k,)) * (1 + sc) + sh
         fkw["want_norm_stats"], bkw["norm_stats"] = True, torch.stack([mean, torch.rsqrt(var + 1e-6)])
     bkw["stat"] = u.square().mean(1).sqrt()
-    fwd = lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, **kw, **fkw)  # noqa: E731
+    fwd = lambda: rotate_quantize(x, signs, lay, alpha, 2, True, 1, want_f8=True, split=split, **kw, **fkw)  # noqa: E731
     bwd = lambda: rotate_quantize_backward(x, grad, signs, lay, alpha, 2, True, 1, out_dtype=torch.bfloat16,  # noqa: E731
-                                           **kw, **bkw)
+                                           split=split, **kw, **bkw)
     return fwd, bwd
 
 

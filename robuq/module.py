@@ -40,7 +40,10 @@ class DiTModule(L.LightningModule):
     also runs each MLP's GELU inside the kernels of its output projection: less memory (DiT-XL/2,
     batch 32: 2.1 GiB), a 2% slower step on an H100; ``fuse_norms`` (with ``fused_kernels``, on by
     default) computes each DiT block's adaLN inside the q/k/v and fc1 kernels, forward and
-    backward (DiT-XL/2 step as a CUDA graph: 1.19x -> 1.05x a bf16 step, 5 GiB less memory).
+    backward (DiT-XL/2 step as a CUDA graph: 1.19x -> 1.05x a bf16 step, 5 GiB less memory);
+    ``exact_rotation: false`` (with ``fused_kernels``) lets the kernels round the rotation once to
+    bf16 (DiT-XL/2 on an H200: 2 ms less per step; ~0.1% of A2 codes move by one step), recorded in
+    checkpoints so that the exported model computes the same integers.
     ``compile_blocks`` compiles each
     transformer block of the student and the teacher with ``torch.compile`` (in place, so parameter
     names and checkpoints do not change; the 28 identical DiT-XL/2 blocks share their compiled
@@ -77,6 +80,7 @@ class DiTModule(L.LightningModule):
         fused_kernels: bool = False,
         fuse_gelu: bool = False,
         fuse_norms: bool = True,
+        exact_rotation: bool = True,
         compile_blocks: bool = False,
         cuda_graph: bool = False,
     ):
@@ -110,13 +114,16 @@ class DiTModule(L.LightningModule):
         self.model_config = dit_config(student)
         if fused_kernels and task != "qat":
             raise ValueError("fused_kernels applies to task 'qat' (it swaps the QuantLinear forward); drop it for pretrain")
+        if not exact_rotation and not fused_kernels:
+            raise ValueError("exact_rotation: false chooses the fused kernels' one-rounding rotation: set fused_kernels: "
+                             "true as well, or drop it (the reference path always rotates exactly)")
         if fuse_gelu and not fused_kernels:
             raise ValueError("fuse_gelu runs the GELU inside the fused kernels: set fused_kernels: true as well, or drop it")
         if task == "qat":
             self.quant_report = quantize_(student, quant, plan)
             print(self.quant_report)
             if fused_kernels:
-                self.fused_layers = _use_fused_kernels(student, fuse_gelu, fuse_norms)
+                self.fused_layers = _use_fused_kernels(student, fuse_gelu, fuse_norms, exact_rotation)
         self.student = student.train()  # from_pretrained returns eval mode
         self.ema = copy.deepcopy(student).requires_grad_(False)
         self.register_buffer("ema_started", torch.tensor(False))
@@ -464,6 +471,7 @@ class DiTModule(L.LightningModule):
             "model_config": self.model_config,
             "quant": self.hparams["quant"],
             "plan": act_bits(self.student) if self.task == "qat" else None,
+            "exact_rotation": self.hparams.exact_rotation,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -527,6 +535,7 @@ def load_for_eval(path: str, use_ema: bool = True) -> tuple[nn.Module, dict]:
         "global_step": ckpt.get("global_step"),
         "quant": meta["quant"],
         "plan": meta["plan"],
+        "exact_rotation": meta.get("exact_rotation", True),  # (checkpoints before it: always exact)
     }
     return model.eval(), info
 
@@ -543,7 +552,7 @@ def _compile_blocks(model: nn.Module | None) -> None:
         block.compile()
 
 
-def _use_fused_kernels(student: nn.Module, fuse_gelu: bool, fuse_norms: bool) -> dict[str, bool]:
+def _use_fused_kernels(student: nn.Module, fuse_gelu: bool, fuse_norms: bool, exact_rotation: bool) -> dict[str, bool]:
     """Switch the student's QuantLinears to the fused Triton path (robuq.kernels.qat): it runs on CUDA
     under bf16/fp16 autocast (``--trainer.precision bf16-mixed``) and falls back to the reference
     path elsewhere, so results do not depend on the switch beyond float rounding."""
@@ -552,7 +561,7 @@ def _use_fused_kernels(student: nn.Module, fuse_gelu: bool, fuse_norms: bool) ->
     except ImportError as e:
         raise ImportError(f"fused_kernels needs triton ({e}); install it (it comes with CUDA torch) or set "
                           "fused_kernels: false") from e
-    fused = use_fused_kernels(student, fuse_activations=fuse_gelu, fuse_norms=fuse_norms)
+    fused = use_fused_kernels(student, fuse_activations=fuse_gelu, fuse_norms=fuse_norms, exact_rotation=exact_rotation)
     print(f"fused Triton QAT path on {sum(fused.values())}/{len(fused)} quantized layers "
           "(active on CUDA under bf16/fp16 autocast)")
     return fused

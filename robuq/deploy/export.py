@@ -8,7 +8,8 @@
     (or cast to ``dtype``);
   * ``robuq_export.json``: format version, packing layout, the DiT class and constructor config,
     per quantized layer its shape, activation bits/signedness/mode/statistic/timestep groups
-    and rotation, and ``aliases``: full-precision tensors stored once because another tensor has
+    and rotation, ``exact_rotation`` (False: the student trained with the fused kernels'
+    one-rounding rotation, which the exported model then computes too), and ``aliases``: full-precision tensors stored once because another tensor has
     the same values (diffusers' DiT keeps a copy of the timestep and class embedders in each of
     its 28 blocks; converted DiT-XL/2 weights make them identical). ``load_exported`` ties each
     alias to its original, so they share memory on the device too.
@@ -54,11 +55,14 @@ def _layer_meta(m: PackedTernaryLinear) -> dict:
 
 
 @torch.no_grad()
-def export(student: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+def export(student: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None,
+           exact_rotation: bool | None = None) -> Path:
     """Write the packed inference form of ``student`` to ``out_dir`` (the student is not changed).
 
     ``dtype`` (e.g. torch.bfloat16) casts the full-precision tensors; packed codes and all scales
-    are stored exactly (uint8 / float32) whatever it is.
+    are stored exactly (uint8 / float32) whatever it is. ``exact_rotation``: the rotation the
+    student's codes were trained with, recorded for ``load_exported``; None: that of its layers
+    (False where ``robuq.kernels.qat.use_fused_kernels(exact_rotation=False)`` switched them).
     """
     import copy
 
@@ -69,7 +73,11 @@ def export(student: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = 
     names = [n for n, m in student.named_modules() if isinstance(m, QuantLinear)]
     if not names:
         raise ValueError("export: the model has no QuantLinear layers (quantize it with robuq.quant.quantize_)")
+    if exact_rotation is not None and not isinstance(exact_rotation, bool):
+        raise TypeError(f"exact_rotation must be True, False or None, got {exact_rotation!r}")
     packed = pack_model(copy.deepcopy(student))
+    if exact_rotation is None:
+        exact_rotation = all(packed.get_submodule(n).split for n in names)
     layers = {n: _layer_meta(packed.get_submodule(n)) for n in names}
     tensors, aliases, seen = {}, {}, {}
     for k, v in packed.state_dict().items():
@@ -94,6 +102,7 @@ def export(student: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = 
         "model_module": type(student).__module__,
         "model_config": _dit_config(student),
         "timestep_groups": groups,
+        "exact_rotation": exact_rotation,
         "layers": layers,
         "aliases": aliases,
     }
@@ -110,7 +119,7 @@ def _model_class(config: dict):
 
 @torch.no_grad()
 def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                  exact_rotation: bool = True) -> nn.Module:
+                  exact_rotation: bool | None = None) -> nn.Module:
     """Rebuild the exported DiT with ``PackedTernaryLinear`` layers (eval mode).
 
     ``dtype`` casts the full-precision layers (e.g. torch.bfloat16 for CUDA inference); packed
@@ -118,10 +127,11 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
     ``exact_rotation=False`` lets the CUDA kernels round once to bf16 between the two rotation
     products instead of the exact hi/lo split: on an H100 (DiT-XL/2, batch 32) the forward is 4.5%
     faster, ~0.1% of A2 codes differ from the exact rotation's, and the outputs agree with the
-    fp32 fake-quant student as closely as before (docs/PERFORMANCE.md, P37).
+    fp32 fake-quant student as closely as before (docs/PERFORMANCE.md, P37). None (the default):
+    the rotation the student was trained with, as the export records it (exact unless recorded).
     """
-    if not isinstance(exact_rotation, bool):
-        raise TypeError(f"exact_rotation must be True or False, got {exact_rotation!r}")
+    if exact_rotation is not None and not isinstance(exact_rotation, bool):
+        raise TypeError(f"exact_rotation must be True, False or None, got {exact_rotation!r}")
     path = Path(path)
     cfg_file = path / CONFIG_NAME
     if not cfg_file.is_file():
@@ -131,6 +141,11 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu", dtype: t
         raise ValueError(f"{cfg_file}: unknown format {config.get('format')!r} (expected {FORMAT!r})")
     if config.get("pack_layout") != PACK_LAYOUT:
         raise ValueError(f"{cfg_file}: unknown packing layout {config.get('pack_layout')!r} (expected {PACK_LAYOUT!r})")
+    if exact_rotation is None:
+        exact_rotation = config.get("exact_rotation", True)
+        if not isinstance(exact_rotation, bool):
+            raise ValueError(f"{cfg_file}: exact_rotation must be true or false, got {exact_rotation!r}; "
+                             "the export is damaged: export it again")
     cls = _model_class(config)
     with torch.device(device):
         model = cls(**config["model_config"])
@@ -210,7 +225,8 @@ def main(argv: list[str] | None = None) -> Path:
     model, info = load_for_eval(args.checkpoint, use_ema=not args.raw)
     if info["task"] != "qat":
         raise SystemExit(f"{args.checkpoint} is a full-precision ({info['task']}) checkpoint: nothing to pack")
-    out = export(model, args.out, dtype=DTYPES[args.dtype] if args.dtype else None)
+    out = export(model, args.out, dtype=DTYPES[args.dtype] if args.dtype else None,
+                 exact_rotation=info["exact_rotation"])
     print(f"exported {info['weights']} weights of {args.checkpoint} (step {info['global_step']}) to {out}")
     return out
 

@@ -90,6 +90,7 @@ class PackedTernaryLinear(nn.Module):
         m.packed.copy_(packed)
         m.w_scale.copy_(scale)
         m.alpha.copy_(q.step.detach().abs().clamp_min(1e-8).float())
+        m.split = layer.exact_rotation  # the same integers as the student's (fused) forward
         if rot is not None:
             m.signs.copy_(rot.signs.float())
         if layer.bias is not None:

@@ -42,7 +42,7 @@ class RobuQDiTPipeline(DiffusionPipeline):
     @classmethod
     def from_exported(cls, path: str | Path, scheduler="ddpm", vae: AutoencoderKL | str | None = None,
                       device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                      id2label: dict[int, str] | None = None, exact_rotation: bool = True) -> RobuQDiTPipeline:
+                      id2label: dict[int, str] | None = None, exact_rotation: bool | None = None) -> RobuQDiTPipeline:
         """Load a ``robuq.deploy.export`` directory. ``scheduler``: a diffusers scheduler or one of
         ``SCHEDULERS`` (built on robuq's training schedule); ``vae``: a model, a directory or hub id;
         ``exact_rotation``: see ``load_exported``."""

@@ -90,16 +90,18 @@ def _norm(scale: torch.Tensor | None, shift: torch.Tensor | None, ln_eps: float)
 def _rotq_fwd_impl(
     x: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
     bits: int, signed: bool, mode: int, out_dtype: str, want_f8: bool, act: str,
-    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float, want_out: bool,
+    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float, want_out: bool, split: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K], alpha [G, M or 1] -> (q * s_t [G, M, K] out_dtype (if want_out, else empty), q [G, M, K]
     e4m3 (if want_f8, else empty), s_t [G, M] fp32, and for the backward the LayerNorm's mean and rstd
     [2, M] fp32 (empty without the adaLN) and the rms statistic [M] fp32 (empty in other modes)) of
-    act(x) (act "": x itself), or of the adaLN of x (scale, shift [B, K])."""
+    act(x) (act "": x itself), or of the adaLN of x (scale, shift [B, K]). ``split``: the exact rotation
+    (False: the one-rounding rotation, see ``use_fused_kernels``)."""
     lay = _layout(x.shape[1], kind, block_size)
     r = rotate_quantize(x, signs, lay, alpha, bits, signed, mode, out="scaled" if want_out else None, want_f8=want_f8,
                         out_dtype=_DTYPES[out_dtype], round_to_bf16=out_dtype == "bfloat16", act=act or None,
-                        norm=_norm(scale, shift, ln_eps), want_norm_stats=scale is not None, want_stat=mode == _RMS)
+                        norm=_norm(scale, shift, ln_eps), want_norm_stats=scale is not None, want_stat=mode == _RMS,
+                        split=split)
     none = x.new_empty(0, dtype=torch.float32)
     return (r["out"] if want_out else x.new_empty(0, dtype=_DTYPES[out_dtype]),
             r["f8"] if want_f8 else x.new_empty(0, dtype=torch.float8_e4m3fn), r["s"],
@@ -110,7 +112,8 @@ rotq_fwd = torch.library.custom_op("robuq::rotq_fwd", _rotq_fwd_impl, mutates_ar
 
 
 @rotq_fwd.register_fake
-def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8, act, scale, shift, ln_eps, want_out):
+def _(x, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, want_f8, act, scale, shift, ln_eps, want_out,
+      split):
     (m, k), g = x.shape, alpha.shape[0]
     f8 = x.new_empty((g, m, k) if want_f8 else (0,), dtype=torch.float8_e4m3fn)
     out = x.new_empty((g, m, k) if want_out else (0,), dtype=_DTYPES[out_dtype])
@@ -123,7 +126,7 @@ def _rotq_bwd_impl(
     x: torch.Tensor, grad: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, kind: str, block_size: int,
     bits: int, signed: bool, mode: int, out_dtype: str, act: str,
     scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], ln_eps: float, want_out: bool, chunks: int,
-    norm_stats: Optional[torch.Tensor], stat: Optional[torch.Tensor],
+    norm_stats: Optional[torch.Tensor], stat: Optional[torch.Tensor], split: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """grad [G, M, K], alpha [G, M or 1] -> (dx [M, K] in x's dtype, per-token dL/dalpha [G, M] fp32,
     the partial sums of dL/dscale and dL/dshift [chunks, B, K] fp32 (empty without the adaLN; summed
@@ -131,12 +134,13 @@ def _rotq_bwd_impl(
     [G, M, K] out_dtype (if want_out, else empty)). ``chunks`` (``quant_ops.norm_chunks``; ignored
     without the adaLN) is an argument so that a compiled graph's shapes, and the key Inductor caches
     it under, follow the launch settings: a cached graph built under other settings is not reused.
-    ``norm_stats``, ``stat``: rotq_fwd's LayerNorm and rms statistics (or None: recomputed)."""
+    ``norm_stats``, ``stat``: rotq_fwd's LayerNorm and rms statistics (or None: recomputed); ``split``:
+    the forward's."""
     lay = _layout(x.shape[1], kind, block_size)
     dt = _DTYPES[out_dtype]
     r = rotate_quantize_backward(x, grad, signs, lay, alpha, bits, signed, mode, round_to_bf16=out_dtype == "bfloat16",
                                  act=act or None, norm=_norm(scale, shift, ln_eps), out_dtype=dt if want_out else None,
-                                 norm_partials=True, chunks=chunks, norm_stats=norm_stats, stat=stat)
+                                 norm_partials=True, chunks=chunks, norm_stats=norm_stats, stat=stat, split=split)
     if scale is None:
         r = (*r[:2], x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32), *r[2:])
     return r if want_out else (*r, x.new_empty(0, dtype=dt))
@@ -147,7 +151,7 @@ rotq_bwd = torch.library.custom_op("robuq::rotq_bwd", _rotq_bwd_impl, mutates_ar
 
 @rotq_bwd.register_fake
 def _(x, grad, signs, alpha, kind, block_size, bits, signed, mode, out_dtype, act, scale, shift, ln_eps, want_out,
-      chunks, norm_stats, stat):
+      chunks, norm_stats, stat, split):
     dn = (0,) if scale is None else (chunks, *scale.shape)
     out = x.new_empty(grad.shape if want_out else (0,), dtype=_DTYPES[out_dtype])
     return (torch.empty_like(x), x.new_empty(grad.shape[0], x.shape[0], dtype=torch.float32),
@@ -191,7 +195,7 @@ class FusedQuantLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, alpha_t, group_of_token, spec, signs, wq, w8, w_scale, scale, shift, *params):
-        kind, block_size, bits, signed, mode, groups, cdt, act, ln_eps = spec
+        kind, block_size, bits, signed, mode, groups, cdt, act, ln_eps, split = spec
         n = len(wq)
         weights, biases = params[:n], params[n:2 * n]
         # eager calls the implementation directly (a custom op costs tens of us of host time per
@@ -200,7 +204,7 @@ class FusedQuantLinearFn(torch.autograd.Function):
         fp8 = w8[0] is not None
         keep_out = not (fp8 and GEMM_INPUT_IN_BACKWARD)  # (off the fp8 path the forward GEMM reads q * s_t)
         out, q8, s, nstat, stat = fwd(x2, signs, alpha_t, kind, block_size, bits, signed, mode, _dtype_name(cdt), fp8,
-                                      act, scale, shift, ln_eps, keep_out)
+                                      act, scale, shift, ln_eps, keep_out, split)
         ys = []
         for i in range(n):
             b = None if biases[i] is None else biases[i].to(cdt)
@@ -217,7 +221,7 @@ class FusedQuantLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dys):
         x2, out, alpha_t, group_of_token, signs, scale, shift, nstat, stat, *rest = ctx.saved_tensors
-        kind, block_size, bits, signed, mode, groups, cdt, act, ln_eps = ctx.spec
+        kind, block_size, bits, signed, mode, groups, cdt, act, ln_eps, split = ctx.spec
         n = len(dys)
         wq, steps = rest[:n], rest[n:]
         dys = [torch.zeros(x2.shape[0], w.shape[0], device=x2.device, dtype=cdt) if dy is None else dy.to(cdt)
@@ -235,7 +239,7 @@ class FusedQuantLinearFn(torch.autograd.Function):
                                                      _layout(x2.shape[1], kind, block_size), n)
         dx, ga, dscale, dshift, out_again = bwd(x2, dout, signs, alpha_t, kind, block_size, bits, signed, mode,
                                                 _dtype_name(cdt), act, scale, shift, ln_eps, out is None, chunks,
-                                                nstat, stat)
+                                                nstat, stat, split)
         out = out_again if out is None else out
         dws = [(dy.t() @ out[i]).to(wdt) for i, (dy, wdt) in enumerate(zip(dys, ctx.weight_dtypes))]
         # summed in fp32: a bf16-output sum gave eager and CUDA-graph-replayed steps different bias
@@ -347,7 +351,7 @@ def _quant_spec(layer: QuantLinear) -> tuple:
     """What the G layers of one launch must share: input width, quantizer, rotation (and its signs)."""
     q = layer.act.quantizer
     kind, bs = rotation_kind(layer.act.rotation)
-    return (layer.in_features, q.bits, q.signed, q.mode, q.stat, q.groups, kind, bs)
+    return (layer.in_features, q.bits, q.signed, q.mode, q.stat, q.groups, kind, bs, layer.exact_rotation)
 
 
 def can_share_input(layers) -> bool:
@@ -411,7 +415,8 @@ def fused_linears(layers, x: torch.Tensor, act: str | None = None,
                             for m in layers])
     signs = first.act.rotation.signs if first.act.rotation is not None else x2.new_ones(first.in_features)
     scale, shift, ln_eps = (None, None, 0.0) if norm is None else norm
-    spec = (kind, bs or 0, q.bits, q.signed, mode_id(q.mode, q.stat), q.groups, cdt, act or "", float(ln_eps))
+    spec = (kind, bs or 0, q.bits, q.signed, mode_id(q.mode, q.stat), q.groups, cdt, act or "", float(ln_eps),
+            first.exact_rotation)
     params = [m.weight for m in layers] + [m.bias for m in layers] + [qi.step for qi in qs]
     with torch.autocast(x2.device.type, enabled=False):
         ys = FusedQuantLinearFn.apply(x2, alpha_t, group_of_token, spec, signs, wq, w8, w_scale, scale, shift, *params)
@@ -423,7 +428,7 @@ def _fused_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def use_fused_kernels(model: nn.Module, enabled: bool = True, fuse_activations: bool = False,
-                      fuse_norms: bool = True) -> dict[str, bool]:
+                      fuse_norms: bool = True, exact_rotation: bool = True) -> dict[str, bool]:
     """Switch the model's QuantLinears to the fused Triton path (or back); returns name -> fused.
 
     The switch is per instance (``layer.forward`` is overridden), so it survives ``.to()`` and
@@ -435,8 +440,18 @@ def use_fused_kernels(model: nn.Module, enabled: bool = True, fuse_activations: 
     2% slower on an H100, docs/PERFORMANCE.md). ``fuse_norms``: DiT blocks compute their adaLN
     (LayerNorm and modulation) inside the q/k/v and fc1 kernels, forward and backward
     (``robuq.kernels.block``; DiT-XL/2 batch 32 on an H100 as a CUDA graph: 117.4 -> 103.2 ms per
-    step, 29.4 -> 24.5 GiB). Switching back restores all of them.
+    step, 29.4 -> 24.5 GiB). ``exact_rotation=False``: the kernels round the fp32 intermediate
+    between the rotation's two products to bf16 once instead of carrying it exactly as a hi/lo
+    pair: one tensor-core product fewer per token, forward and backward (DiT-XL/2 on an H200: 2 ms
+    of a 75 ms compiled step), while ~0.1% of A2 codes move by one step against a float64 rotation.
+    The deployed model computes the same integers (``robuq.deploy.export`` records the choice).
+    Switching back restores all of them.
     """
+    if not isinstance(exact_rotation, bool):
+        raise TypeError(f"exact_rotation must be True or False, got {exact_rotation!r}")
+    for m in model.modules():  # before the groups below: layers of one launch share their rotation
+        if isinstance(m, QuantLinear):
+            m.exact_rotation = exact_rotation or not enabled
     share_qkv(model, can_share_input, fused_linears, enabled)
     fuse_gelu(model, can_share_input, fused_linears, enabled and fuse_activations)
     fuse_block_norms(model, can_share_input, enabled and fuse_norms)

@@ -2,6 +2,10 @@
 
 The latent weight lives in the rotated basis (computed once at conversion, in float64), so with
 both quantizers off the layer equals the original ``nn.Linear``: (x R)(W R)^T = x R R^T W^T = x W^T.
+
+``exact_rotation`` says which rotation the layer's codes come from: this pure-torch forward always
+rotates exactly; the fused kernels (``robuq.kernels.qat.use_fused_kernels(exact_rotation=False)``)
+may round once to bf16 inside the rotation, and export then records that (``robuq.deploy``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias)
         self.act = act.to(weight.device)
         self.weight_quant = weight_quant
+        self.exact_rotation = True
 
     @classmethod
     @torch.no_grad()

@@ -131,8 +131,36 @@ def test_exact_rotation_switch(tmp_path):
     assert not any(x.split for x in layers(load_exported(tmp_path, exact_rotation=False)))
     pipe = RobuQDiTPipeline.from_exported(tmp_path, exact_rotation=False)
     assert not any(x.split for x in layers(pipe.transformer))
-    with pytest.raises(TypeError, match="exact_rotation must be True or False"):
+    with pytest.raises(TypeError, match="exact_rotation must be True, False or None"):
         load_exported(tmp_path, exact_rotation="fast")
+
+
+def test_export_records_the_trained_rotation(tmp_path):
+    """A student whose fused kernels trained with the one-rounding rotation exports it: the loaded
+    model computes the same integers by default, an explicit argument overrides the record, and a
+    damaged record is refused."""
+    import json
+
+    pytest.importorskip("triton")
+    from robuq.deploy.export import CONFIG_NAME
+    from robuq.kernels.qat import use_fused_kernels
+
+    student = init_and_eval(tiny_student(act_bits=4))
+    use_fused_kernels(student, exact_rotation=False)
+    export(student, tmp_path / "fast")
+    export(student, tmp_path / "exact", exact_rotation=True)
+    layers = lambda m: [x for x in m.modules() if isinstance(x, PackedTernaryLinear)]  # noqa: E731
+    assert json.loads((tmp_path / "fast" / CONFIG_NAME).read_text())["exact_rotation"] is False
+    assert not any(x.split for x in layers(load_exported(tmp_path / "fast")))
+    assert all(x.split for x in layers(load_exported(tmp_path / "fast", exact_rotation=True)))
+    assert all(x.split for x in layers(load_exported(tmp_path / "exact")))
+    use_fused_kernels(student, False)  # back on the reference path: the exact rotation again
+    export(student, tmp_path / "ref")
+    assert all(x.split for x in layers(load_exported(tmp_path / "ref")))
+    cfg = tmp_path / "fast" / CONFIG_NAME
+    cfg.write_text(cfg.read_text().replace('"exact_rotation": false', '"exact_rotation": "no"'))
+    with pytest.raises(ValueError, match="exact_rotation must be true or false.*export it again"):
+        load_exported(tmp_path / "fast")
 
 
 def test_timestep_groups_round_trip(tmp_path):

@@ -218,24 +218,48 @@ def fakes_match_the_kernels():
     x, signs = torch.randn(b * t, k), torch.where(torch.rand(k) < 0.5, -1.0, 1.0)
     alpha, grad, emb = torch.full((2, 1), 0.6), torch.randn(2, b * t, k), torch.randn(b, 2 * k) * 0.3
     for scale, shift in [(None, None), (emb[:, :k], emb[:, k:])]:
-        fwd_args = (x, signs, alpha, "kronecker", 0, 2, True, 1, "float32", True, "", scale, shift, 1e-6, True)
+        fwd_args = (x, signs, alpha, "kronecker", 0, 2, True, 1, "float32", True, "", scale, shift, 1e-6, True, False)
         torch.library.opcheck(qat.rotq_fwd, fwd_args, test_utils="test_faketensor")
         nstat, stat = qat.rotq_fwd(*fwd_args)[3:]
         torch.library.opcheck(qat.rotq_bwd, (x, grad, signs, alpha, "kronecker", 0, 2, True, 1, "float32", "",
-                                             scale, shift, 1e-6, True, 2, None if scale is None else nstat, stat),
+                                             scale, shift, 1e-6, True, 2, None if scale is None else nstat, stat,
+                                             True),
                               test_utils="test_faketensor")
     torch.library.opcheck(qat.ternary_fp8, (torch.randn(40, k), "bfloat16", 1e-8), test_utils="test_faketensor")
+
+
+@contextlib.contextmanager
+def launch_splits():
+    """The ``split`` (exact rotation) of every forward and backward launch of the fused QAT path."""
+    import robuq.kernels.qat as qat
+
+    seen, orig = [], (qat.rotate_quantize, qat.rotate_quantize_backward)
+
+    def spy(fn, way):
+        def call(*args, split=True, **kw):
+            seen.append((way, split))
+            return fn(*args, split=split, **kw)
+        return call
+
+    qat.rotate_quantize, qat.rotate_quantize_backward = spy(orig[0], "fwd"), spy(orig[1], "bwd")
+    try:
+        yield seen
+    finally:
+        qat.rotate_quantize, qat.rotate_quantize_backward = orig
 
 
 def compiled_dit_block_norms():
     """A QAT DiT block with the adaLN inside the kernels, compiled: the backward op's fake gives the
     shape of the adaLN gradients' partial sums (summed in the graph), and the ternary weights come
-    from the ``robuq::ternary_fp8`` op; output and gradients as eager."""
+    from the ``robuq::ternary_fp8`` op; output and gradients as eager. The block runs with the
+    one-rounding rotation (``exact_rotation=False``), which reaches every launch, eager and compiled:
+    the q/k/v and fc1 launches with the adaLN, out and fc2 (exact in fp32 here, the interpreter's
+    products being fp32)."""
     from diffusers import DiTTransformer2DModel
 
     from robuq.models import disable_label_dropout
 
-    with fp8_forward_on_cpu():
+    with fp8_forward_on_cpu(), launch_splits() as splits:
         torch.manual_seed(10)
         model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=48, in_channels=1, out_channels=1,
                                       num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
@@ -243,9 +267,10 @@ def compiled_dit_block_norms():
         quantize_(model, QuantConfig(act_bits=2))
         x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 700]), torch.tensor([1, 3])
         model(x, timestep=t, class_labels=y)
-        use_fused_kernels(model, fuse_norms=True)
+        use_fused_kernels(model, fuse_norms=True, exact_rotation=False)
         block = model.transformer_blocks[0]
         outs = []
+        splits.clear()
         for compiled in (False, True):
             model.transformer_blocks[0] = torch.compile(block) if compiled else block
             xi = x.clone().requires_grad_()
@@ -256,6 +281,9 @@ def compiled_dit_block_norms():
             model.zero_grad(set_to_none=True)
         model.transformer_blocks[0] = block
         torch._dynamo.reset()
+        # 4 launches per direction in each of the two runs (compiled: the custom ops' real kernels)
+        assert len(splits) >= 16 and {s for _, s in splits} == {False}, splits
+        assert sum(w == "bwd" for w, _ in splits) >= 8, splits
         eager, comp = outs
         assert eager.keys() == comp.keys()
         for name, e in eager.items():  # (to_k's bias has a zero gradient: only rounding noise is left)

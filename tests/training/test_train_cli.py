@@ -1,5 +1,6 @@
 """train.py end to end on CPU: pretrain a tiny teacher, QAT from it, exact resume, bad input."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def test_pretrain_then_qat_then_evaluate_model(tmp_path, tiny_teacher, make_conf
 
     out = export_main(["--checkpoint", str(tmp_path / "qat" / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "exp"),
                        "--dtype", "bfloat16"])
-    assert (out / CONFIG_NAME).is_file()
+    assert json.loads((out / CONFIG_NAME).read_text())["exact_rotation"] is True  # trained on the reference path
     from robuq.deploy import RobuQDiTPipeline
 
     from safetensors import safe_open
@@ -134,6 +135,40 @@ def test_fused_kernels_switch(tmp_path):
                                    plain.student(x, timestep=t, class_labels=y).sample, rtol=0, atol=0)
     with pytest.raises(ValueError, match="set fused_kernels: true as well"):
         DiTModule(teacher=str(path), fuse_gelu=True)
+
+
+def test_one_rounding_rotation_reaches_the_layers_the_checkpoint_and_the_export(tmp_path):
+    """``exact_rotation: false`` switches the student's and the EMA's fused layers to the one-rounding
+    rotation; the checkpoint records it and the exported model computes the same integers."""
+    pytest.importorskip("triton")
+    from diffusers import DiTTransformer2DModel
+
+    from robuq.deploy.export import CONFIG_NAME, main as export_main
+    from robuq.deploy.modules import PackedTernaryLinear
+    from robuq.module import DiTModule
+    from robuq.quant.linear import QuantLinear
+
+    path = tmp_path / "dit192"
+    DiTTransformer2DModel(num_attention_heads=3, attention_head_dim=64, in_channels=1, out_channels=1, num_layers=1,
+                          sample_size=8, patch_size=2, num_embeds_ada_norm=10).save_pretrained(path)
+    with pytest.raises(ValueError, match="exact_rotation: false chooses the fused kernels'.*set fused_kernels: true"):
+        DiTModule(teacher=str(path), exact_rotation=False)
+    module = DiTModule(teacher=str(path), fused_kernels=True, exact_rotation=False)
+    for model in (module.student, module.ema):
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        assert layers and not any(m.exact_rotation for m in layers)
+    module.student(torch.randn(2, 1, 8, 8), timestep=torch.tensor([3, 700]), class_labels=torch.tensor([1, 2]))
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert ckpt["robuq"]["exact_rotation"] is False
+    torch.save(ckpt, tmp_path / "fast.ckpt")
+    assert load_for_eval(str(tmp_path / "fast.ckpt"))[1]["exact_rotation"] is False
+    out = export_main(["--checkpoint", str(tmp_path / "fast.ckpt"), "--out", str(tmp_path / "exp"), "--raw"])
+    assert json.loads((out / CONFIG_NAME).read_text())["exact_rotation"] is False
+    from robuq.deploy.export import load_exported
+
+    packed = [m for m in load_exported(out).modules() if isinstance(m, PackedTernaryLinear)]
+    assert packed and not any(m.split for m in packed)
 
 
 def test_compile_blocks(tmp_path, monkeypatch):
