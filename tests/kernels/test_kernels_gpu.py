@@ -245,6 +245,19 @@ def test_fused_qat_matches_reference(cfg, k, n, exact):
     quantize_(net, QuantConfig(include=["0"], **cfg))
     x = torch.randn(4, 64, k, device=DEV).bfloat16()
     net(x.float())
+    gy = torch.randn(4, 64, n, device=DEV).bfloat16()
+    runs = fused_and_reference(net, x, gy, exact)
+    tol = 2e-2 if exact else 5e-2  # bf16 GEMM operands and outputs
+    for name, (fused, ref) in runs.items():
+        if exact or name != "0.act.quantizer.step":
+            assert rel(fused, ref) < tol, name
+    assert torch.isfinite(runs["0.act.quantizer.step"][0]).all()
+
+
+def fused_and_reference(net, x, gy, exact):
+    """{"y", "dx", parameter name: (fused layer's, reference's)}: a copy of ``net`` on the fused path
+    (bf16 autocast, ``exact_rotation=exact``) and one on the reference path in fp32, on the same bf16
+    input ``x`` and output gradient ``gy``."""
     ref, fus = copy.deepcopy(net), copy.deepcopy(net)
     assert all(use_fused_kernels(fus, exact_rotation=exact).values())
     xr, xf = x.float().requires_grad_(), x.clone().requires_grad_()
@@ -252,17 +265,10 @@ def test_fused_qat_matches_reference(cfg, k, n, exact):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         yf = fus(xf)
     assert yf.dtype == torch.bfloat16
-    gy = torch.randn_like(yr).bfloat16()
     (yr * gy.float()).sum().backward()
     (yf.float() * gy.float()).sum().backward()
-    tol = 2e-2 if exact else 5e-2  # bf16 GEMM operands and outputs
-    assert rel(yf, yr) < tol
-    assert rel(xf.grad, xr.grad) < tol
     pr, pf = dict(ref.named_parameters()), dict(fus.named_parameters())
-    for name in pr:
-        if exact or not name.endswith("step"):
-            assert rel(pf[name].grad, pr[name].grad) < tol, name
-    assert torch.isfinite(pf["0.act.quantizer.step"].grad).all()
+    return {"y": (yf, yr), "dx": (xf.grad, xr.grad), **{name: (pf[name].grad, pr[name].grad) for name in pr}}
 
 
 @pytest.mark.parametrize("k", [1152, 4608, 192, 4096])
@@ -322,19 +328,8 @@ def test_one_rounding_qat_off_the_boundaries(mode, k, n, exact):
     else:
         v = u * alpha
     x = (v @ layer.act.rotation.matrix().T).bfloat16()  # rotate(x) = x @ R
-    ref, fus = copy.deepcopy(net), copy.deepcopy(net)
-    assert all(use_fused_kernels(fus, exact_rotation=exact).values())
-    xr, xf = x.float().requires_grad_(), x.clone().requires_grad_()
-    yr = ref(xr)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        yf = fus(xf)
-    (yr * gy.float()).sum().backward()
-    (yf.float() * gy.float()).sum().backward()
-    assert rel(yf, yr) < 2e-2
-    assert rel(xf.grad, xr.grad) < 2e-2
-    pr, pf = dict(ref.named_parameters()), dict(fus.named_parameters())
-    for name in pr:
-        assert rel(pf[name].grad, pr[name].grad) < 2e-2, (name, rel(pf[name].grad, pr[name].grad))
+    for name, (fused, ref) in fused_and_reference(net, x, gy, exact).items():
+        assert rel(fused, ref) < 2e-2, (name, rel(fused, ref))
 
 
 @pytest.mark.parametrize("k,n,bits", [(1152, 4608, 2), (4608, 1152, 4), (1152, 3456, 5)])
