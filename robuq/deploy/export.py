@@ -9,8 +9,8 @@
   * ``robuq_export.json``: format version, packing layout, the DiT class and constructor config,
     per quantized layer its shape, activation bits/signedness/mode/statistic/timestep groups
     and rotation, ``exact_rotation`` (False: the student trained with the fused kernels'
-    one-rounding rotation, which the exported model then computes too), and ``aliases``: full-precision tensors stored once because another tensor has
-    the same values (diffusers' DiT keeps a copy of the timestep and class embedders in each of
+    one-rounding rotation, which the exported model then computes too), and ``aliases``:
+    full-precision tensors stored once because another tensor has the same values (diffusers' DiT keeps a copy of the timestep and class embedders in each of
     its 28 blocks; converted DiT-XL/2 weights make them identical). ``load_exported`` ties each
     alias to its original, so they share memory on the device too.
 

@@ -432,9 +432,9 @@ def use_fused_kernels(model: nn.Module, enabled: bool = True, fuse_activations: 
     """Switch the model's QuantLinears to the fused Triton path (or back); returns name -> fused.
 
     The switch is per instance (``layer.forward`` is overridden), so it survives ``.to()`` and
-    ``state_dict`` round trips untouched and needs no change in ``robuq.quant``. Attention modules
-    whose q, k and v projections can share one launch (``can_share_input``) get a
-    ``SharedQKVAttnProcessor`` over ``fused_linears``. ``fuse_activations``: DiT MLPs run their
+    ``state_dict`` round trips untouched; of ``robuq.quant`` it sets only
+    ``QuantLinear.exact_rotation``. Attention modules whose q, k and v projections can share one
+    launch (``can_share_input``) get a ``SharedQKVAttnProcessor`` over ``fused_linears``. ``fuse_activations``: DiT MLPs run their
     GELU inside the kernels of the output projection (``robuq.kernels.mlp.fuse_gelu``), which saves
     the GELU output for backward no longer (DiT-XL/2, batch 32: 2.1 GiB less peak memory, the step
     2% slower on an H100, docs/PERFORMANCE.md). ``fuse_norms``: DiT blocks compute their adaLN
