@@ -43,6 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import gbench, profile_kernels  # noqa: E402
+from robuq.cuda_graph import GraphedBlocks  # noqa: E402
 from robuq.models import DIT_XL_2_256 as XL  # noqa: E402
 from robuq.models import dit_forward, frozen_forward  # noqa: E402
 from robuq.quant import QuantConfig, quantize_  # noqa: E402
@@ -91,8 +92,10 @@ def run_row(name, model, teacher, bs, steps, mode, profile=False, teacher_autoca
     """Time one training step (fwd + bwd + AdamW) in ``mode``: "eager", "compile-regional",
     "compile-full", "graph" (the whole step captured once in a CUDA graph and replayed: GPU time
     without host launch overhead) or "compile-graph" (per-block compile, then the whole step as
-    one CUDA graph)."""
+    one CUDA graph) or "graph-blocks" (eager, each transformer block's forward and backward replayed
+    as CUDA graphs: robuq.cuda_graph.GraphedBlocks, what a DDP run can use)."""
     graph = mode in ("graph", "compile-graph")
+    blocks_graphed = mode == "graph-blocks"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=graph)
     how = {"compile-full": "full", "compile-regional": "regional", "compile-graph": "regional"}.get(mode)
     fwd = _compile(model, how) if how else model
@@ -103,7 +106,7 @@ def run_row(name, model, teacher, bs, steps, mode, profile=False, teacher_autoca
 
     def step():
         # no autocast weight cache: a CUDA graph must recompute the bf16 casts on every replay
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not (graph or blocks_graphed)):
             if tfwd is not None:
                 with torch.no_grad():
                     tgt = (dit_forward if teacher_autocast else frozen_forward)(tfwd, x, t, y)
@@ -137,6 +140,10 @@ def run_row(name, model, teacher, bs, steps, mode, profile=False, teacher_autoca
         run()
     else:
         for _ in range(3):
+            loss = step()
+        if blocks_graphed:
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                GraphedBlocks(model.transformer_blocks, lambda: model(x, timestep=t, class_labels=y))
             loss = step()
         run = step
     torch.cuda.synchronize()
@@ -280,7 +287,7 @@ def compile_smoke(bits):
         torch._dynamo.reset()
 
 
-MODES = ("eager", "compile-regional", "compile-full", "graph", "compile-graph")
+MODES = ("eager", "compile-regional", "compile-full", "graph", "compile-graph", "graph-blocks")
 
 
 def main():
@@ -288,7 +295,8 @@ def main():
     ap.add_argument("--rows", nargs="*", default=["a", "b", "c", "cn", "d", "dn"])
     ap.add_argument("--modes", nargs="*", default=["eager"], choices=MODES,
                     help="eager; torch.compile per block (regional) or of the whole model (full); the whole "
-                         "step as one CUDA graph (graph), also after per-block compile (compile-graph). "
+                         "step as one CUDA graph (graph), also after per-block compile (compile-graph); eager "
+                         "with each block replayed as CUDA graphs (graph-blocks). "
                          "Row b runs eager only.")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)

@@ -15,6 +15,7 @@ few fused launches.
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable, Sequence
 
 import torch
@@ -85,3 +86,114 @@ class CapturedStep:
             p.grad = g
         self.graph.replay()
         return {k: v.detach().clone() for k, v in self.outputs.items()}
+
+
+class GraphedBlocks:
+    """Each of ``blocks`` (a DiT's transformer blocks) replayed as two CUDA graphs, its forward and its
+    backward (``torch.cuda.make_graphed_callables``), while the rest of the step stays eager.
+
+    Where ``CapturedStep`` graphs the whole step for one GPU, this keeps autograd, the gradient
+    accumulation and anything hooked onto it outside the graphs: DDP's bucketed all-reduce overlaps
+    the backward as usual, so a multi-GPU run gets the graphs too. The host then issues two replays
+    per block instead of each block's hundreds of launches (the fused QAT path's Python, Triton
+    launches and small ops; docs/PERFORMANCE.md section 3.3).
+
+    ``run()`` runs the forward the blocks will see (grad enabled, the step's autocast); each block's
+    inputs are recorded there and its graphs captured for exactly those: the same shapes, dtypes,
+    ``requires_grad``, non-tensor arguments, autocast state and training mode. Any other call (a
+    smaller last batch, validation under ``no_grad``, eval mode) runs the block's own forward. The
+    graphs' outputs, saved activations and gradients live in one memory pool and are rewritten by
+    the next replay, so a step must finish its backward before the next forward (no gradient
+    accumulation over several forwards: the parameters' gradients alias the pool). Autocast must
+    run without its weight cache (``autocast_without_cache``), and no block may draw random numbers
+    on the host or synchronise with it. ``restore()`` gives the blocks their forwards back.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], run: Callable[[], object], warmup: int = 3):
+        self.blocks = list(blocks)
+        inputs: list[tuple[tuple, dict] | None] = [None] * len(self.blocks)
+
+        def record(i):
+            def hook(module, args, kwargs):
+                if inputs[i] is None:
+                    inputs[i] = _detached_copy((args, kwargs))
+            return hook
+
+        handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
+        try:
+            run()
+        finally:
+            for h in handles:
+                h.remove()
+        if any(x is None for x in inputs):
+            raise RuntimeError("GraphedBlocks: run() did not call every block; nothing to capture for the others")
+        self.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        self._saved_forwards = [b.__dict__.get("forward") for b in self.blocks]
+        calls, samples, self._specs = [], [], []
+        for block, (args, kwargs) in zip(self.blocks, inputs):
+            leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+            tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
+            consts = [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
+            self._specs.append((spec, consts, [_meta(t) for t in tensors], block.training))
+            calls.append(_PositionalCall(block, block.forward, spec, consts))
+            samples.append(tensors)
+        torch.cuda.synchronize()
+        graphed = torch.cuda.make_graphed_callables(tuple(calls), tuple(samples), num_warmup_iters=warmup,
+                                                    allow_unused_input=True)
+        for i, (block, call) in enumerate(zip(self.blocks, graphed)):
+            block.forward = types.MethodType(_graphed_block_forward(self, i, call.forward, call.eager), block)
+
+    def matches(self, i: int, leaves: list, spec) -> bool:
+        want_spec, consts, metas, training = self._specs[i]
+        if spec != want_spec or self.blocks[i].training != training or not torch.is_grad_enabled():
+            return False
+        if (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) != self.autocast:
+            return False
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if len(tensors) != len(metas) or any(_meta(t) != m for t, m in zip(tensors, metas)):
+            return False
+        return all(c is _TENSOR or (not isinstance(x, torch.Tensor) and x == c) for x, c in zip(leaves, consts))
+
+    def restore(self) -> None:
+        for block, fwd in zip(self.blocks, self._saved_forwards):
+            block.__dict__.pop("forward", None)
+            if fwd is not None:
+                block.forward = fwd
+
+
+_TENSOR = object()  # where a tensor argument stands among a call's fixed arguments
+
+
+def _meta(t: torch.Tensor) -> tuple:
+    return t.shape, t.stride(), t.dtype, t.device, t.requires_grad
+
+
+def _detached_copy(tree):
+    def copy(x):
+        return x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
+    return torch.utils._pytree.tree_map(copy, tree)
+
+
+class _PositionalCall(nn.Module):
+    """``forward(*args, **kwargs)`` of a block as a module of tensors only (what make_graphed_callables
+    takes): the non-tensor arguments are fixed, the block's parameters are this module's."""
+
+    def __init__(self, block: nn.Module, forward: Callable, spec, consts: list):
+        super().__init__()
+        self.block, self.spec, self.consts = block, spec, consts
+        self.eager = forward
+
+    def forward(self, *tensors: torch.Tensor):
+        it = iter(tensors)
+        leaves = [next(it) if c is _TENSOR else c for c in self.consts]
+        args, kwargs = torch.utils._pytree.tree_unflatten(leaves, self.spec)
+        return self.eager(*args, **kwargs)
+
+
+def _graphed_block_forward(owner: GraphedBlocks, i: int, replay: Callable, eager: Callable):
+    def forward(self, *args, **kwargs):
+        leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+        if owner.matches(i, leaves, spec):
+            return replay(*[x for x in leaves if isinstance(x, torch.Tensor)])
+        return eager(*args, **kwargs)
+    return forward

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils import get_total_norm
 
 from .checkpoint import safe_load
-from .cuda_graph import CapturedStep, autocast_without_cache
+from .cuda_graph import CapturedStep, GraphedBlocks, autocast_without_cache
 from .diffusion import NUM_TRAIN_TIMESTEPS, Schedule, diffusion_loss
 from .models import (build_dit, check_same_architecture, dit_config, dit_forward, disable_label_dropout, frozen_forward,
                      load_dit, num_classes)
@@ -55,6 +55,12 @@ class DiTModule(L.LightningModule):
     per step, 128 with compiled blocks). The noise, timesteps and dropped labels are drawn outside
     the graph from the same per-step generators, so a run computes the same step either way and
     resumes exactly; losses are logged, and non-finite steps reported, one step late.
+    ``graph_blocks`` (CUDA, one GPU or DDP) keeps the step eager but replays each of the student's
+    transformer blocks as two CUDA graphs, its forward and its backward, captured on the second
+    training step (robuq.cuda_graph.GraphedBlocks): autograd and DDP's all-reduce stay outside the
+    graphs, so it serves multi-GPU runs, where ``cuda_graph`` cannot, and the fused path's host
+    cost per layer (Python, Triton launches) is paid once at capture. Steps of another batch shape
+    run eagerly.
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class DiTModule(L.LightningModule):
         exact_rotation: bool = True,
         compile_blocks: bool = False,
         cuda_graph: bool = False,
+        graph_blocks: bool = False,
     ):
         super().__init__()
         if task not in TASKS:
@@ -117,6 +124,9 @@ class DiTModule(L.LightningModule):
         if not exact_rotation and not fused_kernels:
             raise ValueError("exact_rotation: false chooses the fused kernels' one-rounding rotation: set fused_kernels: "
                              "true as well, or drop it (the reference path always rotates exactly)")
+        if cuda_graph and graph_blocks:
+            raise ValueError("cuda_graph already replays the whole step, blocks included: set one of cuda_graph and "
+                             "graph_blocks (graph_blocks for DDP runs)")
         if fuse_gelu and not fused_kernels:
             raise ValueError("fuse_gelu runs the GELU inside the fused kernels: set fused_kernels: true as well, or drop it")
         if task == "qat":
@@ -138,6 +148,7 @@ class DiTModule(L.LightningModule):
         self._replayed = False  # this step's backward ran inside the replayed graph
         self._eager_step_done = False  # cuda_graph captures from the second training step on
         self._pending = None  # cuda_graph: the last replayed step's report, read one step later
+        self._graphed_blocks = None  # graph_blocks: the GraphedBlocks, from the second training step on
         self._ema_pairs_of_fit = None  # the EMA's tensors and the student's, listed at train start
         self._ema_known_started = False  # the host has seen ema_started set (in this fit)
         self._grad_norm = None  # this step's total gradient norm, taken for the non-finite check, reused to clip
@@ -224,6 +235,8 @@ class DiTModule(L.LightningModule):
             self._step_losses = losses
             return losses["loss"]
         with autocast_without_cache(self.device.type):  # as the replayed step runs: bit for bit the same (GPU test)
+            if self.hparams.graph_blocks:
+                self._graph_blocks(xt, t, y)
             losses = self._losses(x0, xt, t, y, noise)
         loss = losses["loss"]
         bad = not bool(torch.isfinite(loss))
@@ -255,6 +268,16 @@ class DiTModule(L.LightningModule):
         losses = self._captured(*inputs)
         self._replayed = losses is not None  # None: another batch shape (e.g. a last, smaller batch)
         return losses
+
+    def _graph_blocks(self, xt, t, y) -> None:
+        """graph_blocks: capture the student's blocks on this process's second training step (the first,
+        eager, initialises the LSQ steps, the optimizer state and any compiled blocks)."""
+        if self._graphed_blocks is not None:
+            return
+        if not self._eager_step_done:
+            self._eager_step_done = True
+            return
+        self._graphed_blocks = GraphedBlocks(self.student.transformer_blocks, lambda: self._student_forward(xt, t, y))
 
     def _gate_replayed_step(self, optimizer) -> None:
         """cuda_graph: check the replayed step on the GPU instead of the host. A non-finite loss or
@@ -293,6 +316,9 @@ class DiTModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self._report_previous_step(log=False)
+        if self._graphed_blocks is not None:  # the graphs hold their memory pool; a next fit captures anew
+            self._graphed_blocks.restore()
+            self._graphed_blocks, self._eager_step_done = None, False
         self._ema_pairs_of_fit = None  # the module may move before the next fit
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
@@ -439,6 +465,8 @@ class DiTModule(L.LightningModule):
         self._move_teacher_and_schedule()
         if self.hparams.cuda_graph:
             self._check_cuda_graph()
+        if self.hparams.graph_blocks:
+            self._check_graph_blocks()
 
     def _check_cuda_graph(self) -> None:
         """Refuse the settings a captured step cannot honour, before the first step."""
@@ -455,6 +483,18 @@ class DiTModule(L.LightningModule):
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError("cuda_graph: fp16 loss scaling changes the scale between steps; use precision "
                              f"bf16-mixed or 32, or {fix}")
+
+    def _check_graph_blocks(self) -> None:
+        """Refuse the settings that graphed blocks cannot honour, before the first step."""
+        fix = "set graph_blocks: false"
+        if self.device.type != "cuda":
+            raise ValueError(f"graph_blocks replays CUDA graphs, but this run is on {self.device.type}; {fix}")
+        if self.trainer.accumulate_grad_batches != 1:
+            raise ValueError("graph_blocks: each block's replay rewrites the gradients it returned, so "
+                             f"accumulate_grad_batches={self.trainer.accumulate_grad_batches} cannot accumulate them; "
+                             f"use 1 or {fix}")
+        if not hasattr(self.student, "transformer_blocks"):
+            raise ValueError(f"graph_blocks graphs a DiT's transformer_blocks; {type(self.student).__name__} has none; {fix}")
 
     def on_validation_start(self) -> None:
         self._move_teacher_and_schedule()

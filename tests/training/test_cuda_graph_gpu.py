@@ -7,7 +7,8 @@ import torch
 from diffusers import DiTTransformer2DModel
 from torch.utils.data import DataLoader, TensorDataset
 
-from robuq.cuda_graph import CapturedStep
+from robuq.cuda_graph import CapturedStep, GraphedBlocks
+from robuq.kernels.block import _fused_forward as fused_block_forward
 from robuq.module import DiTModule
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -109,3 +110,41 @@ def test_fused_fit_is_deterministic(teacher, cuda_graph):
     assert first_losses == second_losses
     for a, b in zip(first.student.parameters(), second.student.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.fixture
+def block_replays(monkeypatch):
+    """Per call of a graphed block: whether it replayed (True) or ran its own forward (False)."""
+    calls = []
+    matches = GraphedBlocks.matches
+
+    def counted(self, *args):
+        ok = matches(self, *args)
+        calls.append(ok)
+        return ok
+
+    monkeypatch.setattr(GraphedBlocks, "matches", counted)
+    return calls
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_graphed_blocks_match_eager_steps(teacher, block_replays, fused):
+    """graph_blocks: each block replayed as CUDA graphs from the second step on, the rest of the step
+    and autograd eager: the same losses, weights and EMA as the eager fit, bit for bit. The
+    4-sample batches run the blocks' own forwards."""
+    if fused:
+        pytest.importorskip("triton")
+    eager, eager_losses = _fit(teacher, False, fused)
+    graphed, graphed_losses = _fit(teacher, False, fused, graph_blocks=True)
+    assert len(graphed_losses) == 12
+    # 2 blocks per forward: steps 1-4 and 6-10 replay (9 steps), steps 5 and 11 (4 samples) do not
+    assert sum(block_replays) == 9 * 2 and block_replays.count(False) >= 2 * 2
+    diff = [abs(g - e) / abs(e) for g, e in zip(graphed_losses, eager_losses)]
+    print("relative loss difference, graphed blocks vs eager, per step:", " ".join(f"{d:.1e}" for d in diff))
+    assert graphed_losses == eager_losses
+    for (name, p), q in zip(graphed.student.named_parameters(), eager.student.parameters()):
+        assert torch.equal(p, q), name
+    for a, b in zip(eager.ema.parameters(), graphed.ema.parameters()):
+        assert torch.equal(b, a)
+    fwd = graphed.student.transformer_blocks[0].__dict__.get("forward")  # restored after the fit
+    assert (fwd is None) if not fused else (fwd.__func__ is fused_block_forward)

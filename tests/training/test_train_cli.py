@@ -84,6 +84,8 @@ def test_resume_is_exact(tmp_path, tiny_teacher, make_config):
         (["--model.model", "{num_layers: 3, num_attention_heads: 2}"], "does not match"),
         (["--model.teacher", "/nonexistent/teacher"], "cannot load a DiT"),
         (["--model.cuda_graph", "true"], "cuda_graph captures the step on a CUDA GPU, but this run is on cpu"),
+        (["--model.graph_blocks", "true"], "graph_blocks replays CUDA graphs, but this run is on cpu"),
+        (["--model.graph_blocks", "true", "--model.cuda_graph", "true"], "set one of cuda_graph and graph_blocks"),
     ],
 )
 def test_bad_input_stops_before_training(tmp_path, tiny_teacher, make_config, override, message):
