@@ -90,7 +90,8 @@ class CapturedStep:
 
 class GraphedBlocks:
     """Each of ``blocks`` (a DiT's transformer blocks) replayed as two CUDA graphs, its forward and its
-    backward (``torch.cuda.make_graphed_callables``), while the rest of the step stays eager.
+    backward, while the rest of the step stays eager (PyTorch's partial-network capture, as
+    ``torch.cuda.make_graphed_callables`` does it).
 
     Where ``CapturedStep`` graphs the whole step for one GPU, this keeps autograd, the gradient
     accumulation and anything hooked onto it outside the graphs: DDP's bucketed all-reduce overlaps
@@ -99,17 +100,24 @@ class GraphedBlocks:
     launches and small ops; docs/PERFORMANCE.md section 3.3).
 
     ``run()`` runs the forward the blocks will see (grad enabled, the step's autocast); each block's
-    inputs are recorded there and its graphs captured for exactly those: the same shapes, dtypes,
-    ``requires_grad``, non-tensor arguments, autocast state and training mode. Any other call (a
-    smaller last batch, validation under ``no_grad``, eval mode) runs the block's own forward. The
-    graphs' outputs, saved activations and gradients live in one memory pool and are rewritten by
-    the next replay, so a step must finish its backward before the next forward (no gradient
-    accumulation over several forwards: the parameters' gradients alias the pool). Autocast must
-    run without its weight cache (``autocast_without_cache``), and no block may draw random numbers
-    on the host or synchronise with it. ``restore()`` gives the blocks their forwards back.
+    inputs are recorded there and its graphs captured for exactly those: the same shapes, strides,
+    dtypes, ``requires_grad``, non-tensor arguments, autocast state and training mode. Any other
+    call (a smaller last batch, validation under ``no_grad``, eval mode) runs the block's own
+    forward. The capture runs each block on stand-ins of its parameters (same storage), so it never
+    meets the autograd nodes that earlier steps, or DDP, keep for the parameters themselves (those
+    live on the default stream, which a capture must not wait on; ``make_graphed_callables`` fails
+    there). The graphs' outputs, saved activations and gradients live in one memory pool and are
+    rewritten by the next replay, so a step must finish its backward before the next forward (no
+    gradient accumulation over several forwards: the parameters' gradients alias the pool).
+    Autocast must run without its weight cache (``autocast_without_cache``), no block may draw
+    random numbers on the host or synchronise with it, and the optimizer must update the
+    parameters in place. ``restore()`` gives the blocks their forwards back.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], run: Callable[[], object], warmup: int = 3):
+        if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
+            raise ValueError("GraphedBlocks: autocast's weight cache would keep one step's bf16 weights in the "
+                             "graphs; run under autocast_without_cache()")
         self.blocks = list(blocks)
         inputs: list[tuple[tuple, dict] | None] = [None] * len(self.blocks)
 
@@ -129,30 +137,31 @@ class GraphedBlocks:
             raise RuntimeError("GraphedBlocks: run() did not call every block; nothing to capture for the others")
         self.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         self._saved_forwards = [b.__dict__.get("forward") for b in self.blocks]
-        calls, samples, self._specs = [], [], []
-        for block, (args, kwargs) in zip(self.blocks, inputs):
-            leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
-            tensors = tuple(x for x in leaves if isinstance(x, torch.Tensor))
-            consts = [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
-            self._specs.append((spec, consts, [_meta(t) for t in tensors], block.training))
-            calls.append(_PositionalCall(block, block.forward, spec, consts))
-            samples.append(tensors)
-        torch.cuda.synchronize()
-        graphed = torch.cuda.make_graphed_callables(tuple(calls), tuple(samples), num_warmup_iters=warmup,
-                                                    allow_unused_input=True)
-        for i, (block, call) in enumerate(zip(self.blocks, graphed)):
-            block.forward = types.MethodType(_graphed_block_forward(self, i, call.forward, call.eager), block)
+        self.graphs = [_BlockGraph(b, b.forward, args, kwargs) for b, (args, kwargs) in zip(self.blocks, inputs)]
+        side, pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up and captures on one stream, in the live run's order
+            for g in self.graphs:
+                for _ in range(warmup):
+                    g.warm_up()
+            for g in self.graphs:
+                g.capture_forward(pool, side)
+            for g in reversed(self.graphs):
+                g.capture_backward(pool, side)
+        torch.cuda.current_stream().wait_stream(side)
+        for i, block in enumerate(self.blocks):
+            block.forward = types.MethodType(_graphed_block_forward(self, i, block.forward), block)
 
     def matches(self, i: int, leaves: list, spec) -> bool:
-        want_spec, consts, metas, training = self._specs[i]
-        if spec != want_spec or self.blocks[i].training != training or not torch.is_grad_enabled():
+        g = self.graphs[i]
+        if spec != g.spec or self.blocks[i].training != g.training or not torch.is_grad_enabled():
             return False
         if (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) != self.autocast:
             return False
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-        if len(tensors) != len(metas) or any(_meta(t) != m for t, m in zip(tensors, metas)):
+        if len(tensors) != len(g.inputs) or any(_meta(t) != _meta(s) for t, s in zip(tensors, g.inputs)):
             return False
-        return all(c is _TENSOR or (not isinstance(x, torch.Tensor) and x == c) for x, c in zip(leaves, consts))
+        return all(c is _TENSOR or (not isinstance(x, torch.Tensor) and x == c) for x, c in zip(leaves, g.consts))
 
     def restore(self) -> None:
         for block, fwd in zip(self.blocks, self._saved_forwards):
@@ -174,26 +183,86 @@ def _detached_copy(tree):
     return torch.utils._pytree.tree_map(copy, tree)
 
 
-class _PositionalCall(nn.Module):
-    """``forward(*args, **kwargs)`` of a block as a module of tensors only (what make_graphed_callables
-    takes): the non-tensor arguments are fixed, the block's parameters are this module's."""
+class _BlockGraph:
+    """One block's forward and backward graphs over static inputs (the recorded ones) and stand-ins of
+    its trainable parameters (``detach()``: the same storage, their own autograd leaves)."""
 
-    def __init__(self, block: nn.Module, forward: Callable, spec, consts: list):
-        super().__init__()
-        self.block, self.spec, self.consts = block, spec, consts
-        self.eager = forward
+    def __init__(self, block: nn.Module, forward: Callable, args: tuple, kwargs: dict):
+        leaves, self.spec = torch.utils._pytree.tree_flatten((args, kwargs))
+        self.consts = [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
+        self.inputs = [x for x in leaves if isinstance(x, torch.Tensor)]
+        self.block, self.forward, self.training = block, forward, block.training
+        named = [(n, p) for n, p in block.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.stand_ins = {n: p.detach().requires_grad_() for n, p in named}
+        self.needs_grad = [x for x in self.inputs if x.requires_grad] + list(self.stand_ins.values())
 
-    def forward(self, *tensors: torch.Tensor):
-        it = iter(tensors)
-        leaves = [next(it) if c is _TENSOR else c for c in self.consts]
-        args, kwargs = torch.utils._pytree.tree_unflatten(leaves, self.spec)
-        return self.eager(*args, **kwargs)
+    def _run(self):
+        it = iter(self.inputs)
+        args, kwargs = torch.utils._pytree.tree_unflatten([next(it) if c is _TENSOR else c for c in self.consts],
+                                                          self.spec)
+        out = torch.func.functional_call(self.block, self.stand_ins, args, kwargs)  # (the eager forward, still)
+        outs, self.out_spec = torch.utils._pytree.tree_flatten(out)
+        return outs
+
+    def _grads(self, outs, grad_outputs):
+        return torch.autograd.grad([o for o in outs if o.requires_grad], self.needs_grad, grad_outputs,
+                                   allow_unused=True)
+
+    def warm_up(self) -> None:
+        outs = self._run()
+        self._grads(outs, [torch.zeros_like(o) for o in outs if o.requires_grad])
+
+    def capture_forward(self, pool, stream) -> None:
+        self.fwd = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.fwd, pool=pool, stream=stream):
+            self.outputs = self._run()
+
+    def capture_backward(self, pool, stream) -> None:
+        self.grad_outputs = [torch.empty_like(o) for o in self.outputs if o.requires_grad]
+        self.bwd = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.bwd, pool=pool, stream=stream):
+            self.grads = self._grads(self.outputs, self.grad_outputs)
+        self.out_requires_grad = [o.requires_grad for o in self.outputs]
+        self.outputs = [o.detach() for o in self.outputs]  # free the captured autograd graph
 
 
-def _graphed_block_forward(owner: GraphedBlocks, i: int, replay: Callable, eager: Callable):
+class _Replay(torch.autograd.Function):
+    """A block as one autograd node: forward replays its forward graph; backward its backward graph,
+    returning the gradients of its tensor inputs and of its parameters (the real ones: their
+    accumulation, and DDP's hooks on it, happen as after any eager node)."""
+
+    @staticmethod
+    def forward(ctx, g: _BlockGraph, *tensors: torch.Tensor):
+        for s, x in zip(g.inputs, tensors):
+            if s.data_ptr() != x.data_ptr():
+                s.copy_(x)
+        g.fwd.replay()
+        ctx.g = g
+        return tuple(o.detach() for o in g.outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        g = ctx.g
+        for s, d in zip(g.grad_outputs, [d for d, r in zip(grads, g.out_requires_grad) if r]):
+            if d is None:
+                s.zero_()
+            elif s.data_ptr() != d.data_ptr():
+                s.copy_(d)
+        g.bwd.replay()
+        it = iter(g.grads)
+        ins = [(next(it) if x.requires_grad else None) for x in g.inputs]
+        return (None, *[None if d is None else d.detach() for d in [*ins, *it]])
+
+
+def _graphed_block_forward(owner: GraphedBlocks, i: int, eager: Callable):
+    g = owner.graphs[i]
+
     def forward(self, *args, **kwargs):
         leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
         if owner.matches(i, leaves, spec):
-            return replay(*[x for x in leaves if isinstance(x, torch.Tensor)])
+            outs = _Replay.apply(g, *[x for x in leaves if isinstance(x, torch.Tensor)], *g.params)
+            return torch.utils._pytree.tree_unflatten(list(outs), g.out_spec)
         return eager(*args, **kwargs)
     return forward

@@ -148,3 +148,57 @@ def test_graphed_blocks_match_eager_steps(teacher, block_replays, fused):
         assert torch.equal(b, a)
     fwd = graphed.student.transformer_blocks[0].__dict__.get("forward")  # restored after the fit
     assert (fwd is None) if not fused else (fwd.__func__ is fused_block_forward)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_graphed_blocks_under_ddp_match_eager(tmp_path, block_replays, fused):
+    """DDP (one process, gloo) keeps references to the parameters' autograd nodes, made on the default
+    stream, and so does a loss kept from the last step: the capture must not wait on them
+    (torch.cuda.make_graphed_callables fails there). Four steps, the last three with graphed
+    blocks, give the same weights as four eager steps under DDP, bit for bit."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from robuq.cuda_graph import autocast_without_cache
+    from robuq.kernels.qat import use_fused_kernels
+    from robuq.models import disable_label_dropout
+    from robuq.quant import QuantConfig, quantize_
+
+    if fused:
+        pytest.importorskip("triton")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        weights = []
+        for graphed in (False, True):
+            torch.manual_seed(0)
+            model = DiTTransformer2DModel(num_attention_heads=3, attention_head_dim=64, in_channels=1, out_channels=2,
+                                          num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=10).cuda()
+            disable_label_dropout(model)
+            g = torch.Generator(device="cuda").manual_seed(1)
+            batches = [(torch.randn(8, 1, 16, 16, device="cuda", generator=g),
+                        torch.randint(0, 1000, (8,), device="cuda", generator=g),
+                        torch.randint(0, 10, (8,), device="cuda", generator=g)) for _ in range(4)]
+            if fused:
+                quantize_(model, QuantConfig(act_bits=2))
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    model(batches[0][0], timestep=batches[0][1], class_labels=batches[0][2])
+                use_fused_kernels(model)
+            ddp = DistributedDataParallel(model, device_ids=[0])
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            blocks = None
+            for i, (x, t, y) in enumerate(batches):
+                with torch.autocast("cuda", dtype=torch.bfloat16), autocast_without_cache():
+                    if graphed and i == 1:
+                        blocks = GraphedBlocks(model.transformer_blocks,
+                                               lambda: model(x, timestep=t, class_labels=y))  # noqa: B023
+                    loss = ddp(x, timestep=t, class_labels=y).sample.float().square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            assert (blocks is not None) == graphed
+            assert block_replays == [True] * (6 if graphed else 0)  # steps 1-3, two blocks each
+            weights.append([p.detach().clone() for p in model.parameters()])
+        for (name, _), a, b in zip(model.named_parameters(), *weights):
+            assert torch.equal(a, b), name
+    finally:
+        dist.destroy_process_group()
