@@ -43,7 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import gbench, profile_kernels  # noqa: E402
-from robuq.cuda_graph import GraphedBlocks  # noqa: E402
+from robuq.cuda_graph import CapturedForward, GraphedBlocks  # noqa: E402
 from robuq.models import DIT_XL_2_256 as XL  # noqa: E402
 from robuq.models import dit_forward, frozen_forward  # noqa: E402
 from robuq.quant import QuantConfig, quantize_  # noqa: E402
@@ -93,7 +93,8 @@ def run_row(name, model, teacher, bs, steps, mode, profile=False, teacher_autoca
     "compile-full", "graph" (the whole step captured once in a CUDA graph and replayed: GPU time
     without host launch overhead) or "compile-graph" (per-block compile, then the whole step as
     one CUDA graph), "graph-blocks" (eager, each transformer block's forward and backward replayed
-    as CUDA graphs: robuq.cuda_graph.GraphedBlocks, what a DDP run can use) or "compile-graph-blocks"
+    as CUDA graphs, robuq.cuda_graph.GraphedBlocks, and the teacher's forward as one graph:
+    what a DDP run can use) or "compile-graph-blocks"
     (per-block compile, then graphed blocks)."""
     graph = mode in ("graph", "compile-graph")
     blocks_graphed = mode in ("graph-blocks", "compile-graph-blocks")
@@ -105,11 +106,14 @@ def run_row(name, model, teacher, bs, steps, mode, profile=False, teacher_autoca
     if teacher is not None:
         tfwd = _compile(teacher, how) if how else teacher
     x, t, y, target = batch(bs)
+    teacher_graph = []  # graph-blocks: the teacher's forward as one CUDA graph
 
     def step():
         # no autocast weight cache: a CUDA graph must recompute the bf16 casts on every replay
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not (graph or blocks_graphed)):
-            if tfwd is not None:
+            if teacher_graph:
+                tgt = teacher_graph[0](x, t, y)
+            elif tfwd is not None:
                 with torch.no_grad():
                     tgt = (dit_forward if teacher_autocast else frozen_forward)(tfwd, x, t, y)
             else:
@@ -146,6 +150,9 @@ def run_row(name, model, teacher, bs, steps, mode, profile=False, teacher_autoca
         if blocks_graphed:
             with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                 GraphedBlocks(model.transformer_blocks, lambda: model(x, timestep=t, class_labels=y))
+                if tfwd is not None:
+                    forward = dit_forward if teacher_autocast else frozen_forward
+                    teacher_graph.append(CapturedForward(lambda *a: forward(tfwd, *a), (x, t, y)))
             loss = step()
         run = step
     torch.cuda.synchronize()

@@ -72,8 +72,7 @@ class CapturedStep:
         return torch.autograd.grad(outputs["loss"], self.params, allow_unused=True)
 
     def matches(self, inputs: Sequence[torch.Tensor]) -> bool:
-        return len(inputs) == len(self.static) and all(
-            x.shape == s.shape and x.dtype == s.dtype and x.device == s.device for x, s in zip(inputs, self.static))
+        return _same_kind(inputs, self.static)
 
     def __call__(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """Run one step on ``inputs``: the losses (copies), with the gradients in each parameter's
@@ -86,6 +85,40 @@ class CapturedStep:
             p.grad = g
         self.graph.replay()
         return {k: v.detach().clone() for k, v in self.outputs.items()}
+
+
+def _same_kind(inputs: Sequence[torch.Tensor], static: Sequence[torch.Tensor]) -> bool:
+    return len(inputs) == len(static) and all(
+        x.shape == s.shape and x.dtype == s.dtype and x.device == s.device for x, s in zip(inputs, static))
+
+
+class CapturedForward:
+    """``fn(*inputs)`` without autograd (a frozen teacher's forward) as one CUDA graph, replayed on
+    inputs of the captured shapes, dtypes and device under the captured autocast state; a call on
+    any other returns None (the caller runs ``fn`` eagerly). The result is a copy. ``fn`` must
+    not draw random numbers or synchronise with the host."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], warmup: int = 1):
+        self.static = [x.detach().clone() for x in inputs]
+        self.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad(), autocast_without_cache():
+            for _ in range(warmup):
+                fn(*self.static)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), torch.no_grad(), autocast_without_cache():
+            self.output = fn(*self.static)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | None:
+        if not _same_kind(inputs, self.static) or (
+                torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) != self.autocast:
+            return None
+        for s, x in zip(self.static, inputs):
+            s.copy_(x)
+        self.graph.replay()
+        return self.output.clone()
 
 
 class GraphedBlocks:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils import get_total_norm
 
 from .checkpoint import safe_load
-from .cuda_graph import CapturedStep, GraphedBlocks, autocast_without_cache
+from .cuda_graph import CapturedForward, CapturedStep, GraphedBlocks, autocast_without_cache
 from .diffusion import NUM_TRAIN_TIMESTEPS, Schedule, diffusion_loss
 from .models import (build_dit, check_same_architecture, dit_config, dit_forward, disable_label_dropout, frozen_forward,
                      load_dit, num_classes)
@@ -59,8 +59,9 @@ class DiTModule(L.LightningModule):
     transformer blocks as two CUDA graphs, its forward and its backward, captured on the second
     training step (robuq.cuda_graph.GraphedBlocks): autograd and DDP's all-reduce stay outside the
     graphs, so it serves multi-GPU runs, where ``cuda_graph`` cannot, and the fused path's host
-    cost per layer (Python, Triton launches) is paid once at capture. Steps of another batch shape
-    run eagerly.
+    cost per layer (Python, Triton launches) is paid once at capture; the frozen teacher's forward
+    is replayed as one graph too (unless ``feature_weight`` needs its blocks' outputs). Steps of
+    another batch shape run eagerly (docs/PERFORMANCE.md section 3.4).
     """
 
     def __init__(
@@ -149,6 +150,7 @@ class DiTModule(L.LightningModule):
         self._eager_step_done = False  # cuda_graph captures from the second training step on
         self._pending = None  # cuda_graph: the last replayed step's report, read one step later
         self._graphed_blocks = None  # graph_blocks: the GraphedBlocks, from the second training step on
+        self._teacher_graph = None  # graph_blocks: the teacher's forward as a CapturedForward, from then on
         self._ema_pairs_of_fit = None  # the EMA's tensors and the student's, listed at train start
         self._ema_known_started = False  # the host has seen ema_started set (in this fit)
         self._grad_norm = None  # this step's total gradient norm, taken for the non-finite check, reused to clip
@@ -193,7 +195,7 @@ class DiTModule(L.LightningModule):
             losses["loss"] = losses["diffusion"]
             return losses
         with torch.no_grad(), _block_outputs(self.teacher, want_features) as t_feats:
-            target = frozen_forward(self.teacher, xt, t, y).float()
+            target = self._teacher_forward(xt, t, y).float()
         losses["distill"] = F.mse_loss(out.float(), target)
         total = hp.distill_weight * losses["distill"]
         if want_features:
@@ -269,6 +271,11 @@ class DiTModule(L.LightningModule):
         self._replayed = losses is not None  # None: another batch shape (e.g. a last, smaller batch)
         return losses
 
+    def _teacher_forward(self, xt, t, y) -> torch.Tensor:
+        """The frozen teacher's forward: replayed from its graph (graph_blocks) where it fits, else eager."""
+        out = None if self._teacher_graph is None else self._teacher_graph(xt, t, y)
+        return frozen_forward(self.teacher, xt, t, y) if out is None else out
+
     def _graph_blocks(self, xt, t, y) -> None:
         """graph_blocks: capture the student's blocks on this process's second training step (the first,
         eager, initialises the LSQ steps, the optimizer state and any compiled blocks)."""
@@ -278,6 +285,8 @@ class DiTModule(L.LightningModule):
             self._eager_step_done = True
             return
         self._graphed_blocks = GraphedBlocks(self.student.transformer_blocks, lambda: self._student_forward(xt, t, y))
+        if self.teacher is not None and not self.hparams.feature_weight > 0:  # (features come from hooks)
+            self._teacher_graph = CapturedForward(lambda *a: frozen_forward(self.teacher, *a), (xt, t, y))
 
     def _gate_replayed_step(self, optimizer) -> None:
         """cuda_graph: check the replayed step on the GPU instead of the host. A non-finite loss or
@@ -318,7 +327,7 @@ class DiTModule(L.LightningModule):
         self._report_previous_step(log=False)
         if self._graphed_blocks is not None:  # the graphs hold their memory pool; a next fit captures anew
             self._graphed_blocks.restore()
-            self._graphed_blocks, self._eager_step_done = None, False
+            self._graphed_blocks, self._teacher_graph, self._eager_step_done = None, None, False
         self._ema_pairs_of_fit = None  # the module may move before the next fit
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:

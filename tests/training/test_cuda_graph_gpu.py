@@ -7,7 +7,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 from torch.utils.data import DataLoader, TensorDataset
 
-from robuq.cuda_graph import CapturedStep, GraphedBlocks
+from robuq.cuda_graph import CapturedForward, CapturedStep, GraphedBlocks
 from robuq.kernels.block import _fused_forward as fused_block_forward
 from robuq.module import DiTModule
 
@@ -128,17 +128,22 @@ def block_replays(monkeypatch):
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-def test_graphed_blocks_match_eager_steps(teacher, block_replays, fused):
-    """graph_blocks: each block replayed as CUDA graphs from the second step on, the rest of the step
-    and autograd eager: the same losses, weights and EMA as the eager fit, bit for bit. The
-    4-sample batches run the blocks' own forwards."""
+def test_graphed_blocks_match_eager_steps(teacher, block_replays, monkeypatch, fused):
+    """graph_blocks: each block replayed as CUDA graphs from the second step on, and the teacher's
+    forward as one graph, the rest of the step and autograd eager: the same losses, weights and EMA
+    as the eager fit, bit for bit. The 4-sample batches run the blocks' own forwards."""
     if fused:
         pytest.importorskip("triton")
+    teacher_replays = []
+    call = CapturedForward.__call__
+    monkeypatch.setattr(CapturedForward, "__call__",
+                        lambda self, *a: teacher_replays.append(call(self, *a)) or teacher_replays[-1])
     eager, eager_losses = _fit(teacher, False, fused)
     graphed, graphed_losses = _fit(teacher, False, fused, graph_blocks=True)
     assert len(graphed_losses) == 12
     # 2 blocks per forward: steps 1-4 and 6-10 replay (9 steps), steps 5 and 11 (4 samples) do not
     assert sum(block_replays) == 9 * 2 and block_replays.count(False) >= 2 * 2
+    assert [r is not None for r in teacher_replays] == [True] * 4 + [False] + [True] * 5 + [False]
     diff = [abs(g - e) / abs(e) for g, e in zip(graphed_losses, eager_losses)]
     print("relative loss difference, graphed blocks vs eager, per step:", " ".join(f"{d:.1e}" for d in diff))
     assert graphed_losses == eager_losses
