@@ -171,6 +171,11 @@ class GraphedBlocks:
         self.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         self._saved_forwards = [b.__dict__.get("forward") for b in self.blocks]
         self.graphs = [_BlockGraph(b, b.forward, args, kwargs) for b, (args, kwargs) in zip(self.blocks, inputs)]
+        self._capture(warmup)
+        for i, block in enumerate(self.blocks):
+            block.forward = types.MethodType(_graphed_block_forward(self, i, block.forward), block)
+
+    def _capture(self, warmup: int) -> None:
         side, pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up and captures on one stream, in the live run's order
@@ -182,8 +187,6 @@ class GraphedBlocks:
             for g in reversed(self.graphs):
                 g.capture_backward(pool, side)
         torch.cuda.current_stream().wait_stream(side)
-        for i, block in enumerate(self.blocks):
-            block.forward = types.MethodType(_graphed_block_forward(self, i, block.forward), block)
 
     def matches(self, i: int, leaves: list, spec) -> bool:
         g = self.graphs[i]
@@ -234,7 +237,9 @@ class _BlockGraph:
         it = iter(self.inputs)
         args, kwargs = torch.utils._pytree.tree_unflatten([next(it) if c is _TENSOR else c for c in self.consts],
                                                           self.spec)
-        out = torch.func.functional_call(self.block, self.stand_ins, args, kwargs)  # (the eager forward, still)
+        # the block's own forward (not block(...): that dispatches to the replay once installed) on the stand-ins
+        with torch.nn.utils.stateless._reparametrize_module(self.block, self.stand_ins):
+            out = self.forward(*args, **kwargs)
         outs, self.out_spec = torch.utils._pytree.tree_flatten(out)
         return outs
 
