@@ -92,15 +92,13 @@ def run_row(name, model, teacher, bs, steps, mode, profile=False, teacher_autoca
     """Time one training step (fwd + bwd + AdamW) in ``mode``: "eager", "compile-regional",
     "compile-full", "graph" (the whole step captured once in a CUDA graph and replayed: GPU time
     without host launch overhead) or "compile-graph" (per-block compile, then the whole step as
-    one CUDA graph), "graph-blocks" (eager, each transformer block's forward and backward replayed
+    one CUDA graph), or "graph-blocks" (eager, each transformer block's forward and backward replayed
     as CUDA graphs, robuq.cuda_graph.GraphedBlocks, and the teacher's forward as one graph:
-    what a DDP run can use) or "compile-graph-blocks"
-    (per-block compile, then graphed blocks)."""
+    what a DDP run can use)."""
     graph = mode in ("graph", "compile-graph")
-    blocks_graphed = mode in ("graph-blocks", "compile-graph-blocks")
+    blocks_graphed = mode == "graph-blocks"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True, capturable=graph)
-    how = {"compile-full": "full", "compile-regional": "regional", "compile-graph": "regional",
-           "compile-graph-blocks": "regional"}.get(mode)
+    how = {"compile-full": "full", "compile-regional": "regional", "compile-graph": "regional"}.get(mode)
     fwd = _compile(model, how) if how else model
     tfwd = None
     if teacher is not None:
@@ -296,7 +294,7 @@ def compile_smoke(bits):
         torch._dynamo.reset()
 
 
-MODES = ("eager", "compile-regional", "compile-full", "graph", "compile-graph", "graph-blocks", "compile-graph-blocks")
+MODES = ("eager", "compile-regional", "compile-full", "graph", "compile-graph", "graph-blocks")
 
 
 def main():
@@ -305,8 +303,7 @@ def main():
     ap.add_argument("--modes", nargs="*", default=["eager"], choices=MODES,
                     help="eager; torch.compile per block (regional) or of the whole model (full); the whole "
                          "step as one CUDA graph (graph), also after per-block compile (compile-graph); eager "
-                         "with each block replayed as CUDA graphs (graph-blocks), also after per-block compile "
-                         "(compile-graph-blocks). "
+                         "with each block replayed as CUDA graphs (graph-blocks). "
                          "Row b runs eager only.")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)

@@ -128,6 +128,9 @@ class DiTModule(L.LightningModule):
         if cuda_graph and graph_blocks:
             raise ValueError("cuda_graph already replays the whole step, blocks included: set one of cuda_graph and "
                              "graph_blocks (graph_blocks for DDP runs)")
+        if compile_blocks and graph_blocks:
+            raise ValueError("graph_blocks captures each block's own forward, and compile_blocks would trace around "
+                             "the replays: set one of them (graph_blocks is the faster: docs/PERFORMANCE.md 3.4)")
         if fuse_gelu and not fused_kernels:
             raise ValueError("fuse_gelu runs the GELU inside the fused kernels: set fused_kernels: true as well, or drop it")
         if task == "qat":

@@ -86,6 +86,7 @@ def test_resume_is_exact(tmp_path, tiny_teacher, make_config):
         (["--model.cuda_graph", "true"], "cuda_graph captures the step on a CUDA GPU, but this run is on cpu"),
         (["--model.graph_blocks", "true"], "graph_blocks replays CUDA graphs, but this run is on cpu"),
         (["--model.graph_blocks", "true", "--model.cuda_graph", "true"], "set one of cuda_graph and graph_blocks"),
+        (["--model.graph_blocks", "true", "--model.compile_blocks", "true"], "compile_blocks would trace around"),
     ],
 )
 def test_bad_input_stops_before_training(tmp_path, tiny_teacher, make_config, override, message):
