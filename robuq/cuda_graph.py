@@ -140,8 +140,9 @@ class GraphedBlocks:
     meets the autograd nodes that earlier steps, or DDP, keep for the parameters themselves (those
     live on the default stream, which a capture must not wait on; ``make_graphed_callables`` fails
     there). The graphs' outputs, saved activations and gradients live in one memory pool and are
-    rewritten by the next replay, so a step must finish its backward before the next forward (no
-    gradient accumulation over several forwards: the parameters' gradients alias the pool).
+    rewritten by the next replay, so a step must finish its backward before the next forward, and the
+    gradients must be dropped between steps (``zero_grad(set_to_none=True)``, torch's and Lightning's
+    default; no accumulation over several forwards): a parameter's ``.grad`` may alias the pool.
     Autocast must run without its weight cache (``autocast_without_cache``), no block may draw
     random numbers on the host or synchronise with it, and the optimizer must update the
     parameters in place. ``restore()`` gives the blocks their forwards back.
