@@ -4,6 +4,7 @@
 #   STAGES="qat_compile" bash benchmarks/gpu_all.sh
 #   STAGES="sweep" bash benchmarks/gpu_all.sh   # launch settings of the rotate+quantize kernels
 #   STAGES="fit" bash benchmarks/gpu_all.sh     # the train.py fit loop of DiT-XL/2, QAT and full precision
+#   STAGES="fit_blocks" bash benchmarks/gpu_all.sh  # the same with graph_blocks (what a DDP run uses)
 # Logs and JSON go to $OUT (the device tool's output folder) or ./out. Needs a CUDA GPU, torch,
 # triton; diffusers is installed from wheels/*.whl when the machine lacks it.
 set -o pipefail
@@ -41,6 +42,12 @@ for stage in $STAGES; do
                 args=(--steps "${FIT_STEPS:-34}" --model.cuda_graph true --trainer.val_check_interval 1000 --trainer.callbacks+="$prof")
                 [ $task = pretrain ] && args+=(--model.task pretrain --model.model null --model.fused_kernels false)
                 timeout "$STAGE_TIMEOUT" python3 scripts/gpu_xl_smoke.py /tmp/xl "${args[@]}" ${FIT_ARGS:-} 2>&1 | tee "$OUT/fit_$task.log" || rc=1
+            done ;;
+        fit_blocks)  # the same two fits with graph_blocks (each block and the teacher replayed as CUDA graphs; DDP-capable)
+            for task in qat pretrain; do
+                args=(--steps "${FIT_STEPS:-34}" --model.graph_blocks true --model.compile_blocks false --trainer.val_check_interval 1000)
+                [ $task = pretrain ] && args+=(--model.task pretrain --model.model null --model.fused_kernels false)
+                timeout "$STAGE_TIMEOUT" python3 scripts/gpu_xl_smoke.py /tmp/xl "${args[@]}" ${FIT_ARGS:-} 2>&1 | tee "$OUT/fit_blocks_$task.log" || rc=1
             done ;;
         qat_compile)
             timeout "$STAGE_TIMEOUT" python3 benchmarks/qat_step.py --no-kernels --modes compile-regional --rows ${COMPILE_ROWS:-a c d} --json "$OUT/qat_compile.json" 2>&1 | tee "$OUT/qat_compile.log" || rc=1 ;;
