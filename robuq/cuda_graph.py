@@ -10,6 +10,11 @@ replay. The gradients are the graph's outputs (``torch.autograd.grad``), not acc
 ``.grad`` by autograd: accumulation would run on the stream where an earlier, eager step first
 touched each parameter, outside the capture. The optimizer step stays outside the graph: it is a
 few fused launches.
+
+``CapturedStep`` is that whole step, for one GPU. ``GraphedBlocks`` is PyTorch's partial-network
+capture instead: each transformer block's forward and backward as graphs behind one autograd node,
+with autograd, the optimizer and DDP's all-reduce outside them, so multi-GPU runs can use it;
+``CapturedForward`` is a frozen model's forward (the teacher) as one graph.
 """
 
 from __future__ import annotations
