@@ -1,13 +1,15 @@
-"""``GraphedBlocks``' dispatch on the CPU: which calls replay and which run the block's own forward,
-what the replay node returns to autograd, and ``restore``. The capture itself needs a CUDA GPU
-(tests/training/test_cuda_graph_gpu.py); here it is skipped and the "replay" re-runs the recorded
-forward on the parameters' stand-ins, so values and gradients can be compared with eager."""
+"""``GraphedBlocks``' and ``CapturedForward``'s dispatch on the CPU: which calls replay and which run
+eagerly, what the replay node returns to autograd, and ``restore``. The captures themselves need a
+CUDA GPU (tests/training/test_cuda_graph_gpu.py); here they are stubbed and the "replay" re-runs the
+recorded forward on the parameters' stand-ins, so values and gradients can be compared with eager."""
+
+import contextlib
 
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from robuq.cuda_graph import GraphedBlocks, _BlockGraph, _Replay
+from robuq.cuda_graph import CapturedForward, GraphedBlocks, _BlockGraph, _Replay
 from robuq.models import disable_label_dropout
 
 
@@ -128,3 +130,39 @@ def test_stand_ins_share_the_parameters_storage(model):
     for name, p in block.named_parameters():
         s = g.stand_ins[name]
         assert s.data_ptr() == p.data_ptr() and s.requires_grad and s is not p
+
+
+def test_captured_forward_replays_only_what_it_was_captured_for(monkeypatch):
+    """A frozen forward's graph (stubbed: the capture computes it, a replay re-runs it on the static
+    inputs) answers inputs of the captured shapes and dtypes with a copy, anything else with None."""
+    replays = []
+
+    class Graph:
+        def replay(self):
+            replays.append(1)
+            cf.output.copy_(fn(*cf.static))
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, **kw: contextlib.nullcontext())
+    lin = torch.nn.Linear(4, 3)
+
+    def fn(x, t):
+        return lin(x) * t[:, None]
+
+    x, t = torch.randn(2, 4), torch.tensor([1.0, 2.0])
+    cf = CapturedForward(fn, (x, t))
+    x2, t2 = torch.randn(2, 4), torch.tensor([3.0, 4.0])
+    out = cf(x2, t2)
+    with torch.no_grad():
+        torch.testing.assert_close(out, fn(x2, t2))
+    assert replays == [1] and out.data_ptr() != cf.output.data_ptr()  # a copy: the next replay cannot change it
+    assert cf(torch.randn(3, 4), torch.ones(3)) is None  # another batch size
+    assert cf(x2.double(), t2) is None  # another dtype
+    assert replays == [1]
