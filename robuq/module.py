@@ -280,8 +280,8 @@ class DiTModule(L.LightningModule):
         return frozen_forward(self.teacher, xt, t, y) if out is None else out
 
     def _graph_blocks(self, xt, t, y) -> None:
-        """graph_blocks: capture the student's blocks on this process's second training step (the first,
-        eager, initialises the LSQ steps, the optimizer state and any compiled blocks)."""
+        """graph_blocks: capture the student's blocks (and the teacher's forward) on this process's second
+        training step (the first, eager, initialises the LSQ steps and the optimizer state)."""
         if self._graphed_blocks is not None:
             return
         if not self._eager_step_done:
