@@ -22,19 +22,23 @@ class _Losses(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+def _recorded(monkeypatch, cls, name: str, keep=lambda out: out) -> list:
+    """Patch ``cls.name`` to record ``keep(result)`` of each call in the returned list."""
+    calls, method = [], getattr(cls, name)
+
+    def recording(self, *args):
+        out = method(self, *args)
+        calls.append(keep(out))
+        return out
+
+    monkeypatch.setattr(cls, name, recording)
+    return calls
+
+
 @pytest.fixture
 def replays(monkeypatch):
     """Whether each CapturedStep call replayed (True) or left the step to eager (False)."""
-    calls = []
-    call = CapturedStep.__call__
-
-    def counted(self, *inputs):
-        out = call(self, *inputs)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(CapturedStep, "__call__", counted)
-    return calls
+    return _recorded(monkeypatch, CapturedStep, "__call__", lambda out: out is not None)
 
 
 @pytest.fixture(scope="module")
@@ -115,16 +119,7 @@ def test_fused_fit_is_deterministic(teacher, cuda_graph):
 @pytest.fixture
 def block_replays(monkeypatch):
     """Per call of a graphed block: whether it replayed (True) or ran its own forward (False)."""
-    calls = []
-    matches = GraphedBlocks.matches
-
-    def counted(self, *args):
-        ok = matches(self, *args)
-        calls.append(ok)
-        return ok
-
-    monkeypatch.setattr(GraphedBlocks, "matches", counted)
-    return calls
+    return _recorded(monkeypatch, GraphedBlocks, "matches")
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
@@ -134,16 +129,13 @@ def test_graphed_blocks_match_eager_steps(teacher, block_replays, monkeypatch, f
     as the eager fit, bit for bit. The 4-sample batches run the blocks' own forwards."""
     if fused:
         pytest.importorskip("triton")
-    teacher_replays = []
-    call = CapturedForward.__call__
-    monkeypatch.setattr(CapturedForward, "__call__",
-                        lambda self, *a: teacher_replays.append(call(self, *a)) or teacher_replays[-1])
+    teacher_replays = _recorded(monkeypatch, CapturedForward, "__call__", lambda out: out is not None)
     eager, eager_losses = _fit(teacher, False, fused)
     graphed, graphed_losses = _fit(teacher, False, fused, graph_blocks=True)
     assert len(graphed_losses) == 12
     # 2 blocks per forward: steps 1-4 and 6-10 replay (9 steps), steps 5 and 11 (4 samples) do not
     assert sum(block_replays) == 9 * 2 and block_replays.count(False) >= 2 * 2
-    assert [r is not None for r in teacher_replays] == [True] * 4 + [False] + [True] * 5 + [False]
+    assert teacher_replays == [True] * 4 + [False] + [True] * 5 + [False]
     diff = [abs(g - e) / abs(e) for g, e in zip(graphed_losses, eager_losses)]
     print("relative loss difference, graphed blocks vs eager, per step:", " ".join(f"{d:.1e}" for d in diff))
     assert graphed_losses == eager_losses
